@@ -1,0 +1,342 @@
+"""Train the grokking transformer: ``python main.py`` (see README), or ``main.train(config)`` from Python."""
+import fastblas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from tqdm import tqdm
+
+import data
+import models
+from data import DataConfig
+from models import ModelConfig
+from optimizers import OptimConfig, build_optimizer
+
+EVAL_CHUNK = 512  # rows per evaluation forward pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 512
+    epochs: int = 150
+    early_stop_val_acc: Optional[float] = None  # stop once validation accuracy reaches this
+    cpu: bool = False  # force MLX's CPU device (Linux wheels have no other)
+
+    def __post_init__(self):
+        for key in ("batch_size", "epochs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be a positive integer")
+        if self.early_stop_val_acc is not None and not 0 < self.early_stop_val_acc <= 1:
+            raise ValueError(f"train.early_stop_val_acc={self.early_stop_val_acc} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 42
+
+    def resolved(self) -> "Config":
+        """The config with the optimizer's defaults filled in: what a run really used."""
+        return dataclasses.replace(self, optim=self.optim.resolved())
+
+
+# ---------------------------------------------------------------------------------------------
+# One override mechanism for the CLI and the sweeps: dotted keys, type-checked, unknown keys rejected.
+
+def _check_type(key: str, value, annotation):
+    """Return ``value`` converted to ``annotation`` (int -> float allowed), or raise ValueError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ValueError(f"{key}={value!r} must be of type {annotation.__name__}")
+    return value
+
+
+def override(cfg, overrides: dict):
+    """A copy of the (nested, frozen) dataclass ``cfg`` with dotted keys such as ``optim.lr`` replaced.
+
+    Values are type-checked against the fields; unknown keys raise ValueError listing the known ones.
+    Every config's ``__post_init__`` validates the result.
+    """
+    groups: dict[str, dict] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        groups.setdefault(head, {})[rest] = value
+    known = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for head, sub in groups.items():
+        if head not in known:
+            prefix = f"{type(cfg).__name__} has no field {head!r}"
+            raise ValueError(f"unknown config key {head!r} ({prefix}; known: {sorted(known)})")
+        current = getattr(cfg, head)
+        if dataclasses.is_dataclass(current):
+            if "" in sub:
+                raise ValueError(f"config key {head!r} is a section; set one of its fields, e.g. {head}.<field>")
+            try:
+                changes[head] = override(current, sub)
+            except ValueError as error:
+                raise ValueError(str(error).replace("unknown config key '", f"unknown config key '{head}.", 1)) \
+                    from None
+        else:
+            if set(sub) != {""}:
+                raise ValueError(f"unknown config key {head + '.' + next(iter(sub))!r}")
+            changes[head] = _check_type(head, sub[""], known[head].type)
+    return dataclasses.replace(cfg, **changes)
+
+
+def flatten(cfg, prefix: str = "") -> dict:
+    """``{dotted_key: value}`` for every leaf field of a nested config."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of ``dataclasses.asdict`` for ``Config`` (reads ``config.json``)."""
+    return override(Config(), {k: v for k, v in flatten_dict(d).items()})
+
+
+def flatten_dict(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Results files
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace``: readers see all or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def first_reaching(metrics: list[dict], threshold: float) -> tuple[Optional[int], Optional[int]]:
+    """``(epoch, step)`` of the first evaluation with ``val_acc >= threshold``, or ``(None, None)``."""
+    for row in metrics:
+        if row["val_acc"] >= threshold:
+            return row["epoch"], row["step"]
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+def loss_and_correct(model, x, y):
+    """Mean cross-entropy and the number of correct predictions of ``model`` on ``(x, y)``."""
+    logits = model(x)
+    loss = nn.losses.cross_entropy(logits, y, reduction="mean")
+    return loss, mx.sum(mx.argmax(logits, axis=1) == y)
+
+
+def train(config: Config, out_dir=None, progress: bool = True) -> dict:
+    """Train one model as ``config`` says; write ``config.json``, ``metrics.jsonl`` and ``summary.json``
+    to ``out_dir`` (when given) and return the summary."""
+    cfg = config.resolved()
+    if cfg.train.cpu:
+        mx.set_default_device(mx.cpu)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)  # a run without a summary is unfinished
+        write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
+
+    # Separate streams for the split and the shuffles: every optimizer and batch size sees the same split.
+    x_train, y_train, x_val, y_val = data.split(cfg.data, np.random.default_rng([cfg.seed, 0]))
+    shuffle_rng = np.random.default_rng([cfg.seed, 1])
+    x_train, y_train, x_val, y_val = map(mx.array, (x_train, y_train, x_val, y_val))
+    mx.random.seed(cfg.seed)  # same seed and model config -> same initial weights for every optimizer
+    model = models.Transformer(cfg.model, cfg.data.vocab_size)
+    optimizer = build_optimizer(cfg.optim)
+    optimizer.init(model.trainable_parameters())  # before compiling, so the step traces once
+
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def train_step(x, y):
+        (loss, correct), grads = nn.value_and_grad(model, loss_and_correct)(model, x, y)
+        optimizer.update(model, grads)
+        return loss * x.shape[0], correct
+
+    @partial(mx.compile, inputs=model.state)
+    def eval_chunk(x, y):
+        logits = model(x)
+        return nn.losses.cross_entropy(logits, y, reduction="sum"), mx.sum(mx.argmax(logits, axis=1) == y)
+
+    def evaluate(x, y):
+        model.eval()
+        totals = [eval_chunk(x[i:i + EVAL_CHUNK], y[i:i + EVAL_CHUNK]) for i in range(0, len(y), EVAL_CHUNK)]
+        loss, correct = (sum(t[k] for t in totals) for k in range(2))
+        model.train()
+        return loss.item() / len(y), correct.item() / len(y)
+
+    n_train, batch_size = len(y_train), cfg.train.batch_size
+    metrics, step, train_s, eval_s = [], 0, 0.0, 0.0
+    metrics_file = open(out / "metrics.jsonl.partial", "w") if out is not None else None
+    start = time.perf_counter()
+    bar = tqdm(range(1, cfg.train.epochs + 1), desc="train", unit="epoch", disable=not progress, file=sys.stdout)
+    model.train()
+    for epoch in bar:
+        tick = time.perf_counter()
+        order = mx.array(shuffle_rng.permutation(n_train))
+        loss_sum, correct_sum = mx.array(0.0), mx.array(0)
+        for i in range(0, n_train, batch_size):
+            idx = order[i:i + batch_size]
+            loss, correct = train_step(x_train[idx], y_train[idx])
+            loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
+            mx.eval(state, loss_sum, correct_sum)
+            step += 1
+        train_loss, train_acc = loss_sum.item() / n_train, correct_sum.item() / n_train
+        tock = time.perf_counter()
+        val_loss, val_acc = evaluate(x_val, y_val)
+        train_s, eval_s = train_s + tock - tick, eval_s + time.perf_counter() - tock
+        row = dict(epoch=epoch, step=step, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                   val_acc=val_acc, elapsed_s=round(time.perf_counter() - start, 4))
+        metrics.append(row)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        bar.set_postfix(train_acc=f"{train_acc:.3f}", val_acc=f"{val_acc:.3f}", train_loss=f"{train_loss:.3f}",
+                        val_loss=f"{val_loss:.3f}")
+        if cfg.train.early_stop_val_acc is not None and val_acc >= cfg.train.early_stop_val_acc:
+            break
+    bar.close()
+    wall_s = time.perf_counter() - start
+
+    epochs_to_90, steps_to_90 = first_reaching(metrics, 0.90)
+    epochs_to_99, steps_to_99 = first_reaching(metrics, 0.99)
+    summary = dict(
+        final_train_acc=metrics[-1]["train_acc"], final_val_acc=metrics[-1]["val_acc"],
+        final_train_loss=metrics[-1]["train_loss"], final_val_loss=metrics[-1]["val_loss"],
+        best_val_acc=max(r["val_acc"] for r in metrics),
+        epochs_to_90=epochs_to_90, steps_to_90=steps_to_90, epochs_to_99=epochs_to_99, steps_to_99=steps_to_99,
+        epochs_run=metrics[-1]["epoch"], steps_run=step, early_stopped=metrics[-1]["epoch"] < cfg.train.epochs,
+        wall_s=round(wall_s, 3), ms_per_step=round(1e3 * train_s / step, 3),
+        ms_per_eval=round(1e3 * eval_s / len(metrics), 3),
+        parameter_count=models.parameter_count(cfg.model, cfg.data.vocab_size),
+    )
+    if out is not None:
+        metrics_file.close()
+        os.replace(out / "metrics.jsonl.partial", out / "metrics.jsonl")
+        write_json_atomic(out / "summary.json", summary)  # written last: marks the run finished
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+# The original repository's flag spellings, mapped to config keys.
+FLAGS = {
+    "--p": ("data.p", int), "--op": ("data.op", str), "--train-fraction": ("data.train_fraction", float),
+    "--depth": ("model.depth", int), "--dim": ("model.dim", int), "--heads": ("model.heads", int),
+    "--dropout": ("model.dropout", float), "--optimizer": ("optim.name", str), "--lr": ("optim.lr", float),
+    "--weight-decay": ("optim.weight_decay", float), "--beta1": ("optim.beta1", float),
+    "--beta2": ("optim.beta2", float), "--warmup": ("optim.warmup_steps", int),
+    "--batch-size": ("train.batch_size", int), "--epochs": ("train.epochs", int),
+    "--early-stop": ("train.early_stop_val_acc", float), "--seed": ("seed", int),
+}
+SHORT_FLAGS = {"--batch-size": ["-b", "--batch_size"], "--epochs": ["-e"]}
+
+
+def parse_value(text: str):
+    """A CLI value as a Python literal when it is one (``3e-3``, ``None``, ``True``), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a transformer on a ∘ b mod p and watch it grok.",
+        epilog="Any config field can also be set as --section.field=value, e.g. --optim.lr=3e-3 "
+               "(sections: data, model, optim, train; see README).")
+    for flag, (key, kind) in FLAGS.items():
+        parser.add_argument(flag, *SHORT_FLAGS.get(flag, []), dest=key, type=kind, default=None,
+                            metavar=key.split(".")[-1].upper(), help=f"sets {key}")
+    parser.add_argument("--cpu", dest="train.cpu", action="store_const", const=True, default=None,
+                        help="run on MLX's CPU device")
+    parser.add_argument("--out", default="runs/default", help="run directory for results (default: %(default)s)")
+    parser.add_argument("--plot", default="media/grokking.png",
+                        help="figure path; a _dark variant is saved beside it (default: %(default)s)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw figures")
+    return parser
+
+
+def parse_args(argv) -> tuple[Config, argparse.Namespace]:
+    """Build a Config from CLI arguments: the reference flags plus ``--section.field=value`` overrides."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k == "seed"}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--") or "." not in token:
+            parser.error(f"unrecognized argument {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                parser.error(f"{token} needs a value")
+            value, i = rest[i + 1], i + 1
+        overrides[key] = parse_value(value)
+        i += 1
+    return override(Config(), overrides), args
+
+
+def main(argv=None) -> int:
+    try:
+        config, args = parse_args(argv)
+        config.resolved()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = train(config, args.out)
+    print(json.dumps({k: summary[k] for k in ("final_train_acc", "final_val_acc", "epochs_to_90", "epochs_to_99",
+                                              "steps_to_99", "wall_s", "ms_per_step")}))
+    print(f"results in {args.out}/")
+    if not args.no_plot:
+        import plot
+        for path in plot.plot_run(args.out, args.plot):
+            print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

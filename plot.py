@@ -1,0 +1,80 @@
+"""Figures for one run, drawn from its ``metrics.jsonl``: ``python plot.py RUN_DIR [--out media/grokking.png]``."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TRAIN_COLOR, VAL_COLOR = "#1b9e77", "#d95f02"  # green train, orange validation, as in the original figure
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def draw_run(metrics: list[dict], title: str, dark: bool = False):
+    """Accuracy (left) and loss (right) against epoch for train and validation."""
+    style = "dark_background" if dark else "default"
+    with plt.style.context(style):
+        fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+        epochs = [r["epoch"] for r in metrics]
+        for key, label, color in (("train", "train", TRAIN_COLOR), ("val", "validation", VAL_COLOR)):
+            acc_ax.plot(epochs, [100 * r[f"{key}_acc"] for r in metrics], color=color, lw=2, label=label)
+            loss_ax.plot(epochs, [r[f"{key}_loss"] for r in metrics], color=color, lw=2, label=label)
+        acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(-2, 102))
+        loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log")
+        acc_ax.legend(loc="lower right")
+        fig.suptitle(title, fontsize=10)
+        for ax in (acc_ax, loss_ax):
+            ax.grid(alpha=0.25)
+            if dark:
+                for spine in ax.spines.values():
+                    spine.set_color("white")
+        fig.tight_layout()
+    return fig
+
+
+def run_title(run_dir) -> str:
+    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    d, m, o = cfg["data"], cfg["model"], cfg["optim"]
+    opt = f"{o['name']} lr={o['lr']:g} wd={o['weight_decay']:g}"
+    return (f"a {d['op']} b mod {d['p']}, train fraction {d['train_fraction']:g}; "
+            f"dim {m['dim']}, depth {m['depth']}, heads {m['heads']}; {opt}")
+
+
+def plot_run(run_dir, out_path) -> list[Path]:
+    """Save the light figure at ``out_path`` and a dark-mode variant beside it (``*_dark.png``)."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics, title = read_metrics(run_dir), run_title(run_dir)
+    saved = []
+    for dark, path in ((False, out_path), (True, out_path.with_name(out_path.stem + "_dark" + out_path.suffix))):
+        fig = draw_run(metrics, title, dark)
+        tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+        fig.savefig(tmp, dpi=150, transparent=dark)
+        plt.close(fig)
+        tmp.replace(path)
+        saved.append(path)
+    return saved
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Redraw a run's figures from its results files.")
+    parser.add_argument("run_dir", help="a run directory holding config.json and metrics.jsonl")
+    parser.add_argument("--out", default="media/grokking.png", help="figure path (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not (Path(args.run_dir) / "metrics.jsonl").exists():
+        print(f"error: {args.run_dir} has no metrics.jsonl", file=sys.stderr)
+        return 2
+    for path in plot_run(args.run_dir, args.out):
+        print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
