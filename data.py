@@ -26,7 +26,7 @@ class DataConfig:
         if not 0 < self.train_fraction < 1:
             raise ValueError(f"data.train_fraction={self.train_fraction} must be in (0, 1)")
         n_train = int(self.train_fraction * self.num_examples)
-        if n_train == 0 or n_train == self.num_examples:
+        if n_train == 0:
             raise ValueError(f"data.train_fraction={self.train_fraction} leaves an empty split "
                              f"({n_train} of {self.num_examples} examples for training)")
 

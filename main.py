@@ -76,7 +76,7 @@ def _check_type(key: str, value, annotation):
     return value
 
 
-def override(cfg, overrides: dict):
+def override(cfg, overrides: dict, prefix: str = ""):
     """A copy of the (nested, frozen) dataclass ``cfg`` with dotted keys such as ``optim.lr`` replaced.
 
     Values are type-checked against the fields; unknown keys raise ValueError listing the known ones.
@@ -90,21 +90,18 @@ def override(cfg, overrides: dict):
     changes = {}
     for head, sub in groups.items():
         if head not in known:
-            prefix = f"{type(cfg).__name__} has no field {head!r}"
-            raise ValueError(f"unknown config key {head!r} ({prefix}; known: {sorted(known)})")
+            raise ValueError(f"unknown config key {prefix + head!r} (known: {', '.join(prefix + k for k in known)})")
         current = getattr(cfg, head)
         if dataclasses.is_dataclass(current):
             if "" in sub:
-                raise ValueError(f"config key {head!r} is a section; set one of its fields, e.g. {head}.<field>")
-            try:
-                changes[head] = override(current, sub)
-            except ValueError as error:
-                raise ValueError(str(error).replace("unknown config key '", f"unknown config key '{head}.", 1)) \
-                    from None
+                raise ValueError(f"config key {prefix + head!r} is a section; set one of its fields, "
+                                 f"e.g. {prefix + head}.<field>")
+            changes[head] = override(current, sub, f"{prefix}{head}.")
+        elif set(sub) != {""}:
+            raise ValueError(f"unknown config key {prefix + head + '.' + next(k for k in sub if k)!r} "
+                             f"({prefix + head} is not a section)")
         else:
-            if set(sub) != {""}:
-                raise ValueError(f"unknown config key {head + '.' + next(iter(sub))!r}")
-            changes[head] = _check_type(head, sub[""], known[head].type)
+            changes[head] = _check_type(prefix + head, sub[""], known[head].type)
     return dataclasses.replace(cfg, **changes)
 
 

@@ -1,0 +1,154 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import main
+import plot
+from main import Config, config_from_dict, override, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"data.p": 7, "data.op": "+", "model.dim": 16, "model.depth": 1, "train.batch_size": 16,
+        "train.epochs": 3}
+# Small enough to finish in seconds, and it really groks: train accuracy saturates well before validation.
+GROKS = {"data.p": 23, "data.op": "+", "data.train_fraction": 0.8, "model.dim": 64, "model.dropout": 0.0,
+         "optim.lr": 3e-3, "train.batch_size": 64, "train.epochs": 150, "train.early_stop_val_acc": 0.99}
+
+
+def test_override_sets_dotted_keys_and_keeps_the_rest():
+    cfg = override(Config(), {"optim.lr": 3e-3, "model.heads": 4, "seed": 7, "optim.weight_decay": 0})
+    assert (cfg.optim.lr, cfg.model.heads, cfg.seed) == (3e-3, 4, 7)
+    assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)  # int accepted as float
+    assert cfg.model.dim == Config().model.dim and cfg.data == Config().data
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"optim.learning_rate": 1e-3}, "unknown config key 'optim.learning_rate'"),
+    ({"modle.dim": 8}, "unknown config key 'modle'"),
+    ({"model": 8}, "'model' is a section"),
+    ({"seed.x": 1}, "unknown config key 'seed.x'"),
+    ({"model.dim": "big"}, "model.dim='big' must be of type int"),
+    ({"model.dim": 8.5}, "model.dim=8.5 must be of type int"),
+    ({"train.cpu": 1}, "cpu=1 must be of type bool"),
+])
+def test_override_rejects_unknown_keys_and_wrong_types(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        override(Config(), overrides)
+
+
+def test_optimizer_defaults_fill_unset_hyperparameters():
+    cfg = Config().resolved()
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.beta1, cfg.optim.beta2) == \
+        ("adamw", 1e-3, 1.0, 0.9, 0.98)
+    assert override(Config(), {"optim.lr": 5e-4}).resolved().optim.lr == 5e-4
+
+
+def test_config_round_trips_through_json():
+    import dataclasses
+    cfg = override(Config(), {"optim.lr": 3e-3, "data.op": "*", "train.early_stop_val_acc": 0.9}).resolved()
+    assert config_from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+
+
+def test_cli_reference_flags_and_dotted_overrides():
+    cfg, args = parse_args(["--p", "31", "--op", "*", "--train-fraction", "0.4", "--depth", "3", "--dim", "64",
+                            "--heads", "2", "--dropout", "0.1", "--lr", "3e-3", "--weight-decay", "0.5",
+                            "--beta1", "0.8", "--beta2", "0.99", "--warmup", "5", "-b", "256", "-e", "7",
+                            "--seed", "3", "--cpu", "--optim.name=adamw", "--train.early_stop_val_acc", "0.9",
+                            "--out", "somewhere"])
+    assert cfg == override(Config(), {
+        "data.p": 31, "data.op": "*", "data.train_fraction": 0.4, "model.depth": 3, "model.dim": 64,
+        "model.heads": 2, "model.dropout": 0.1, "optim.lr": 3e-3, "optim.weight_decay": 0.5,
+        "optim.beta1": 0.8, "optim.beta2": 0.99, "optim.warmup_steps": 5, "train.batch_size": 256,
+        "train.epochs": 7, "seed": 3, "train.cpu": True, "train.early_stop_val_acc": 0.9})
+    assert args.out == "somewhere"
+    assert parse_args(["--batch_size", "64"])[0].train.batch_size == 64  # the original's spelling
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--op", "/", "--p", "91"], "data.p=91 must be prime"),
+    (["--p", "1", "--op", "+"], "data.p=1 must be >= 2"),
+    (["--train-fraction", "1.5"], "data.train_fraction=1.5 must be in (0, 1)"),
+    (["--train-fraction", "0.0001"], "leaves an empty split"),
+    (["--op", "^"], "data.op='^' is not supported"),
+    (["--optimizer", "sgdx"], "optim.name='sgdx' is not registered; choose from ['adamw'"),
+    (["--dim", "100", "--heads", "3"], "model.dim=100 must be divisible by model.heads=3"),
+    (["--dim", "0"], "model.dim=0 must be a positive integer"),
+    (["--depth", "0"], "model.depth=0 must be a positive integer"),
+    (["--heads", "-2"], "model.heads=-2 must be a positive integer"),
+    (["-b", "0"], "train.batch_size=0 must be a positive integer"),
+    (["-e", "-1"], "train.epochs=-1 must be a positive integer"),
+    (["--dropout", "1"], "model.dropout=1.0 must be in [0, 1)"),
+    (["--lr=-1e-3"], "optim.lr=-0.001 must be >= 0"),
+    (["--weight-decay=-0.1"], "optim.weight_decay=-0.1 must be >= 0"),
+    (["--model.width", "3"], "unknown config key 'model.width'"),
+])
+def test_bad_input_fails_before_training_without_a_run_directory(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main.main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_bad_input_exits_nonzero_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, "main.py", "--op", "/", "--p", "10", "--out", str(tmp_path / "r")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "data.p=10 must be prime" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+
+def test_same_seed_same_metrics_and_different_seed_differs(tmp_path):
+    cfg = override(Config(), TINY | {"model.dropout": 0.2})
+    main.train(cfg, tmp_path / "a", progress=False)
+    main.train(cfg, tmp_path / "b", progress=False)
+    main.train(override(cfg, {"seed": 43}), tmp_path / "c", progress=False)
+    a, b, c = (strip_timing(plot.read_metrics(tmp_path / d)) for d in "abc")
+    assert a == b
+    assert a != c
+
+
+def test_small_run_groks_and_writes_results_files(tmp_path):
+    summary = main.train(override(Config(), GROKS), tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    rows = plot.read_metrics(tmp_path)
+    assert set(rows[0]) >= {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "elapsed_s"}
+    assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+    steps_per_epoch = -(-int(0.8 * 23 * 23) // 64)
+    assert [r["step"] for r in rows] == [steps_per_epoch * r["epoch"] for r in rows]
+    # Grokking: validation reaches 99 % (early stop), well after training accuracy saturated.
+    assert summary["final_val_acc"] >= 0.99 and summary["early_stopped"]
+    assert summary["epochs_to_99"] == rows[-1]["epoch"] == summary["epochs_run"]
+    assert summary["steps_to_99"] == rows[-1]["step"]
+    assert summary["epochs_to_90"] <= summary["epochs_to_99"]
+    train_saturated = next(r["epoch"] for r in rows if r["train_acc"] >= 0.95)
+    assert summary["epochs_to_99"] - train_saturated >= 10
+    assert summary["ms_per_step"] > 0 and summary["wall_s"] > 0
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 3e-3
+
+
+def test_rerun_into_the_same_directory_replaces_results(tmp_path):
+    cfg = override(Config(), TINY)
+    main.train(cfg, tmp_path, progress=False)
+    main.train(override(cfg, {"train.epochs": 2}), tmp_path, progress=False)
+    assert len(plot.read_metrics(tmp_path)) == 2
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_main_writes_figures_and_plot_entry_point_redraws_them(tmp_path):
+    run, fig = tmp_path / "run", tmp_path / "fig" / "grokking.png"
+    argv = ["--p", "7", "--op", "+", "--dim", "16", "--depth", "1", "-e", "2", "--out", str(run), "--plot", str(fig)]
+    assert main.main(argv) == 0
+    dark = fig.with_name("grokking_dark.png")
+    assert fig.stat().st_size > 10_000 and dark.stat().st_size > 10_000
+    fig.unlink()
+    proc = subprocess.run([sys.executable, "plot.py", str(run), "--out", str(fig)], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert fig.exists()
