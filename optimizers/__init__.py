@@ -92,7 +92,8 @@ def adamw(cfg: OptimConfig) -> optim.Optimizer:
 from optimizers.quad import QUAD  # noqa: E402  (after the registry helpers; quad.py imports only mlx)
 
 
+# Not named ``quad``: that would shadow the ``optimizers.quad`` module for ``import optimizers.quad``.
 @register("quad", lr=3e-3, weight_decay=0.3, beta1=0.9)
-def quad(cfg: OptimConfig) -> optim.Optimizer:
+def quad_optimizer(cfg: OptimConfig) -> optim.Optimizer:
     return QUAD(learning_rate=warmup_schedule(cfg), momentum=cfg.beta1, weight_decay=cfg.weight_decay,
                 preconditioner_lr=1.0, max_size_dense=float("inf"), max_skew_dense=1.0, normalize_grads=True)

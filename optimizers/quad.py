@@ -15,6 +15,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
+from mlx.utils import tree_map
 
 # ---- layout: which shape the preconditioner sees ------------------------------------------------
 
@@ -92,29 +93,31 @@ def from_layout(x: mx.array, layout: Layout, shape: Tuple[int, ...]) -> mx.array
     return x.reshape(shape)
 
 
-# ---- maths ---------------------------------------------------------------------------------------
+# ---- maths ----------------------------------------------------------------------------------------
+# Every function works on a stack of k tensors of one layout: rank-3 arrays are (k, b, m, n) (dense
+# factors (k, b, d, d), diagonal ones (k, b, d), L (k, b, 1, 1) or (k, b, 1)); rank 0/1 tensors are
+# rows of (k, numel) with L (k, 1).
 
 
-def initial_scale(g: mx.array) -> mx.array:
-    """``mean(g**4) ** (-1/16)``: each of the two factors starts at this multiple of the identity,
-    so ``P = s**4 I`` (and ``s**2`` for rank <= 1 tensors, spec Q2). Computed on ``g / max|g|`` so
-    that tiny gradients don't underflow ``g**4`` to 0 (equal up to rounding)."""
-    amax = mx.max(mx.abs(g))
-    amax = mx.where(amax > 0, amax, 1)
-    x = g / amax
-    return mx.power(mx.power(mx.mean(x * x * x * x), -1 / 8), 1 / 2) * mx.power(amax, -1 / 4)
+def per_tensor(x: mx.array, ndim: int) -> mx.array:
+    """Reshape a per-tensor value (k,) to broadcast against a (k, ...) array of rank ``ndim``."""
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
-def initial_factors(s: mx.array, layout: Layout, dtype: mx.Dtype) -> List[mx.array]:
-    """``s * 1`` for diagonal factors (and rank <= 1 tensors), ``s * I`` for dense ones."""
-    if not layout.diag:
-        return [mx.broadcast_to(s, layout.shape).astype(dtype)]
-    b = layout.shape[0]
-    factors = []
-    for d, diag in zip(layout.shape[1:], layout.diag):
-        unit = mx.ones((b, d), dtype) if diag else mx.broadcast_to(mx.eye(d, dtype=dtype), (b, d, d))
-        factors.append(s * unit)
-    return factors
+def initial_scale(g: mx.array, unit_norm: bool = False) -> mx.array:
+    """Per tensor ``mean(g**4) ** (-1/16)`` (k,): each of the two factors starts at this multiple
+    of the identity, so ``P = s**4 I`` (and ``s**2`` for rank <= 1 tensors, spec Q2). Unless the
+    gradients are already normalised (``unit_norm``), it is computed on ``g / max|g|`` so that
+    tiny gradients don't underflow ``g**4`` (equal up to rounding). An all-zero gradient gives 1
+    instead of the reference's inf (spec Q3)."""
+    axes = tuple(range(1, g.ndim))
+    if not unit_norm:
+        amax = mx.max(mx.abs(g), axis=axes)
+        amax = mx.where(amax > 0, amax, 1)
+        g = g / per_tensor(amax, g.ndim)
+    mean4 = mx.mean(g * g * g * g, axis=axes)
+    s = mx.where(mean4 > 0, mx.power(mx.power(mean4, -1 / 8), 1 / 2), 1)
+    return s if unit_norm else s * mx.power(amax, -1 / 4)
 
 
 def lerp(a: mx.array, b: mx.array, weight: float) -> mx.array:
@@ -125,12 +128,12 @@ def lerp(a: mx.array, b: mx.array, weight: float) -> mx.array:
 
 
 def precondition(Q: List[mx.array], diag: Tuple[bool, ...], G: mx.array) -> mx.array:
-    """``Pg = P_l G P_r`` with ``P = Q Q^T`` (dense, ``Q`` symmetric) or ``diag(q * q)``,
-    evaluated left to right; for rank <= 1 tensors ``Pg = q * q * G``."""
+    """``Pg = P_l G P_r`` with ``P = Q Q^T`` (dense; ``Q`` is symmetric) or ``diag(q * q)``,
+    evaluated left to right; ``Pg = q * q * G`` for rank <= 1 tensors."""
     if not diag:
         return Q[0] * Q[0] * G
     left, right = Q
-    Pg = (left * left)[..., :, None] * G if diag[0] else (left @ left) @ G    # (b, m, n)
+    Pg = (left * left)[..., :, None] * G if diag[0] else (left @ left) @ G
     return Pg * (right * right)[..., None, :] if diag[1] else Pg @ (right @ right)
 
 
@@ -140,23 +143,22 @@ def update_lipschitz(L: mx.array, ell: mx.array, beta: float) -> mx.array:
 
 
 def lower_bound_norm(T: mx.array) -> mx.array:
-    """A lower bound on the spectral norm of each symmetric PSD slice of ``T`` (b, d, d): one
-    power-iteration step from the row of largest norm (first one on ties), ``||T v||`` with
-    ``v = T[i*] / ||T[i*]||``. Returns (b, 1, 1); 0 for an all-zero slice (the reference gives
-    0/0 = NaN there, spec Q3)."""
-    r = mx.sum(T * T, axis=-1, keepdims=True)                                # (b, d, 1)
-    i = mx.argmax(r, axis=-2, keepdims=True)                                 # (b, 1, 1)
-    r_max = mx.take_along_axis(r, i, axis=-2)                                # (b, 1, 1)
-    row = mx.take_along_axis(T, i, axis=-2)                                  # (b, 1, d)
-    v = row / mx.sqrt(mx.where(r_max > 0, r_max, 1))
-    return mx.sqrt(mx.sum(mx.square(v @ T), axis=-1, keepdims=True))         # (b, 1, 1)
+    """A lower bound on the spectral norm of each symmetric PSD matrix ``T`` (..., d, d): one
+    power-iteration step from the row of largest norm (the first one on ties), ``||T v||`` with
+    ``v = T[i*] / ||T[i*]||``. Returns (..., 1, 1); 0 for an all-zero ``T`` (the reference
+    divides 0 by 0 there, spec Q3)."""
+    r = mx.sum(T * T, axis=-1, keepdims=True)                                # (..., d, 1)
+    i = mx.argmax(r, axis=-2, keepdims=True)                                 # (..., 1, 1)
+    r_max = mx.take_along_axis(r, i, axis=-2)
+    v = mx.take_along_axis(T, i, axis=-2) / mx.sqrt(mx.where(r_max > 0, r_max, 1))  # (..., 1, d)
+    return mx.sqrt(mx.sum(mx.square(v @ T), axis=-1, keepdims=True))
 
 
 def update_diag_side(q: mx.array, L: mx.array, t: mx.array, target: float,
                      precond_lr: float, precond_beta: float) -> Tuple[mx.array, mx.array]:
-    """One step of a diagonal factor ``q`` (b, d) towards ``E[t] = target``, where ``t`` (b, d)
-    are the row (left) or column (right) energies of ``Pg``: ``q <- q * gamma**2`` with
-    ``gamma = 1 - (precond_lr / 2) / L * (t - target)`` and ``L`` (b, 1) from ``max(t) + target``."""
+    """One step of a diagonal factor ``q`` (..., d) towards ``E[t] = target``, where ``t`` are the
+    row (left) or column (right) energies of ``Pg``: ``q <- q * gamma**2``,
+    ``gamma = 1 - (precond_lr / 2) / L * (t - target)``, with ``L`` (..., 1) from ``max(t) + target``."""
     L = update_lipschitz(L, mx.max(t, axis=-1, keepdims=True) + target, precond_beta)
     gamma = 1 - ((precond_lr / 2) / L) * (t - target)
     return q * (gamma * gamma), L
@@ -164,12 +166,13 @@ def update_diag_side(q: mx.array, L: mx.array, t: mx.array, target: float,
 
 def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float,
                       precond_lr: float, precond_beta: float) -> Tuple[mx.array, mx.array]:
-    """One step of a dense symmetric factor ``Q`` (b, d, d) towards ``E[T] = target * I``, with
+    """One step of a dense symmetric factor ``Q`` (..., d, d) towards ``E[T] = target * I``, with
     ``T = Pg Pg^T`` (left) or ``Pg^T Pg`` (right): the two-sided ("quadratic") update
     ``Q <- E Q E``, ``E = I - a (T - target I)``, ``a = (precond_lr / 2) / L``, evaluated as
-    ``p = Q - a (T Q - target Q)``, ``p <- p - a (p T - target p)``, ``Q <- (p + p^T) / 2``."""
+    ``p = Q - a (T Q - target Q)``, ``p <- p - a (p T - target p)``, ``Q <- (p + p^T) / 2``.
+    A congruence, so ``Q`` stays symmetric positive semi-definite for any step size."""
     L = update_lipschitz(L, lower_bound_norm(T) + target, precond_beta)
-    a = (precond_lr / 2) / L                                                 # (b, 1, 1)
+    a = (precond_lr / 2) / L                                                 # (..., 1, 1)
     p = Q - a * (T @ Q - target * Q)
     p = p - a * (p @ T - target * p)
     return (p + p.swapaxes(-1, -2)) / 2, L
@@ -178,36 +181,36 @@ def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float,
 def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tuple[bool, ...],
                    precond_lr: float, precond_beta: float):
     """Precondition ``G`` with the current factors, then update every factor from that same
-    ``Pg`` (Jacobi style, spec Q6). Returns ``(Pg, Q, L)``."""
+    ``Pg`` (Jacobi style, spec Q6). Returns ``(Pg, Q, L)``. The targets are ``N / d`` with ``N``
+    the size of one whole tensor (batch axis included, spec Q1); 1 for rank <= 1 tensors."""
     Pg = precondition(Q, diag, G)
-    if not diag:  # rank 0 / 1: one diagonal factor, target numel / numel = 1
-        q, ell = update_diag_side(Q[0].reshape(1, -1), L[0].reshape(1, 1),
-                                  mx.square(Pg).reshape(1, -1), 1.0, precond_lr, precond_beta)
-        return Pg, [q.reshape(Q[0].shape)], [ell.reshape(L[0].shape)]
-    numel = math.prod(G.shape)
+    if not diag:
+        q, ell = update_diag_side(Q[0], L[0], Pg * Pg, 1.0, precond_lr, precond_beta)
+        return Pg, [q], [ell]
+    numel = math.prod(G.shape[-3:])
     new_Q, new_L = [], []
     for side, (q, ell, is_diag) in enumerate(zip(Q, L, diag)):
-        target = numel / G.shape[side + 1]
+        target = numel / G.shape[side - 2]
         if is_diag:
-            t = mx.sum(Pg * Pg, axis=-1 if side == 0 else -2)                # (b, d)
+            t = mx.sum(Pg * Pg, axis=-1 if side == 0 else -2)                # (k, b, d)
             q, ell = update_diag_side(q, ell, t, target, precond_lr, precond_beta)
         else:
             PgT = Pg.swapaxes(-1, -2)
-            T = Pg @ PgT if side == 0 else PgT @ Pg                          # (b, d, d)
+            T = Pg @ PgT if side == 0 else PgT @ Pg                          # (k, b, d, d)
             q, ell = update_dense_side(q, ell, T, target, precond_lr, precond_beta)
         new_Q.append(q)
         new_L.append(ell)
     return Pg, new_Q, new_L
 
 
-def balance(left: mx.array, right: mx.array) -> Tuple[mx.array, mx.array]:
-    """Rescale the two factors of each batch slice to equal max-abs entries; their Kronecker
-    product (and so the preconditioner) is unchanged, only the factors stay in range."""
-    def max_abs(x):
-        return mx.max(mx.abs(x).reshape(x.shape[0], -1), axis=-1)            # (b,)
-    rho = mx.sqrt(max_abs(left) / max_abs(right))
-    return (left / rho.reshape((-1,) + (1,) * (left.ndim - 1)),
-            right * rho.reshape((-1,) + (1,) * (right.ndim - 1)))
+def balance_ratio(left: mx.array, right: mx.array, diag: Tuple[bool, bool]) -> mx.array:
+    """``rho`` (k, b) such that ``left / rho`` and ``right * rho`` have equal max-abs entries in
+    each slice (spec Q8, Q19); the Kronecker product, and so the preconditioner, is unchanged.
+    A dense factor is symmetric positive semi-definite (``s I``, then congruences ``E Q E``), so
+    its largest entry lies on the diagonal: only those ``d`` entries are read."""
+    def max_abs(q, is_diag):
+        return mx.max(mx.abs(q if is_diag else mx.diagonal(q, axis1=-2, axis2=-1)), axis=-1)
+    return mx.sqrt(max_abs(left, diag[0]) / max_abs(right, diag[1]))
 
 
 def compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
@@ -342,78 +345,136 @@ class QUAD(Optimizer):
         self.eps = eps
         # Present until the first update; its presence (not its value) selects the traced graph.
         self.state["startup"] = mx.array(True)
-        self._startup_graph = False
 
     def _layout(self, shape) -> Layout:
         return factor_layout(tuple(shape), self.max_size_dense, self.max_skew_dense,
                              self.precondition_largest_two_dims)
 
     def init_single(self, parameter: mx.array, state: dict):
-        """Zero momentum and placeholder factors; the first non-zero gradient initialises them."""
+        """Zero momentum and step count, unit placeholder factors (``I`` or ``1``) that the first
+        non-zero gradient scales, and zero Lipschitz estimates."""
         layout = self._layout(parameter.shape)
         dtype = compute_dtype(parameter.dtype)
         with _stream_for(dtype):
             state["step"] = mx.array(0, mx.int32)
             state["m"] = mx.zeros(parameter.shape, dtype)
             if not layout.diag:
-                state["Q"] = [mx.zeros(layout.shape, dtype)]
+                state["Q"] = [mx.ones(layout.shape, dtype)]
                 state["L"] = [mx.zeros((), dtype)]
-            else:
-                b = layout.shape[0]
-                state["Q"] = [mx.zeros((b, d) if diag else (b, d, d), dtype)
-                              for d, diag in zip(layout.shape[1:], layout.diag)]
-                state["L"] = [mx.zeros((b, 1) if diag else (b, 1, 1), dtype) for diag in layout.diag]
+                return
+            b = layout.shape[0]
+            state["Q"] = [mx.ones((b, d), dtype) if diag else mx.eye(d, dtype=dtype)[None] * mx.ones((b, 1, 1), dtype)
+                          for d, diag in zip(layout.shape[1:], layout.diag)]
+            state["L"] = [mx.zeros((b, 1) if diag else (b, 1, 1), dtype) for diag in layout.diag]
 
     def apply_gradients(self, gradients: dict, parameters: dict):
+        """Apply the gradients like :meth:`Optimizer.apply_gradients`, but update all parameters
+        of one layout and dtype together: one batched matmul per group instead of one per
+        tensor, which on the CPU is what makes QUAD's step cheap."""
+        if not self._initialized:
+            self.init(gradients)
+        for param, scheduler in self._schedulers.items():
+            self.state[param] = scheduler(self.step)
+        self.state["step"] = self.step + 1
         # The first update is traced with the startup iterations, later ones without.
-        self._startup_graph = "startup" in self.state
-        result = super().apply_gradients(gradients, parameters)
-        self.state.pop("startup", None)
-        self._startup_graph = False
-        return result
+        startup = self.state.pop("startup", None) is not None
+
+        entries = []
+
+        def collect(gradient, parameter, state):
+            entries.append((gradient, parameter, state))
+            return len(entries) - 1
+        index = tree_map(collect, gradients, parameters, self.state)
+        groups = {}
+        for i, (_, parameter, _) in enumerate(entries):
+            groups.setdefault(self._group_key(i, parameter), []).append(i)
+        results = [None] * len(entries)
+        for members in groups.values():
+            for i, new in zip(members, self._update_group([entries[i] for i in members], startup)):
+                results[i] = new
+        return tree_map(lambda i: results[i], index)
+
+    def _group_key(self, i, parameter):
+        layout = self._layout(parameter.shape)
+        return (layout.shape, layout.diag, parameter.dtype)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        """Performs the QUAD parameter and state update."""
+        """Performs the QUAD parameter and state update of one parameter."""
+        return self._update_group([(gradient, parameter, state)], "startup" in self.state)[0]
+
+    def _update_group(self, entries, startup: bool) -> List[mx.array]:
+        """Update ``entries`` ``[(gradient, parameter, state)]`` of one layout and dtype as a stack
+        (k, ...); ``startup``: whether to include the startup iterations (first update only)."""
+        parameter = entries[0][1]
+        layout = self._layout(parameter.shape)
         dtype = compute_dtype(parameter.dtype)
         with _stream_for(dtype):
-            return self._update(gradient, parameter, state, self._layout(parameter.shape), dtype)
+            return self._update_stack(entries, layout, dtype, startup)
 
-    def _update(self, gradient, parameter, state, layout, dtype):
-        g = gradient.astype(dtype)
-        active = mx.any(g != 0)  # all-zero gradient: leave this tensor untouched
+    def _update_stack(self, entries, layout, dtype, startup):
+        k = len(entries)
+        work = layout.shape if layout.diag else (math.prod(layout.shape),)   # (b, m, n) or (numel,)
+
+        def stack(arrays, shape):
+            return mx.stack([a.reshape(shape) for a in arrays]) if k > 1 else arrays[0].reshape((1,) + shape)
+
+        def stack_layout(arrays):
+            return stack([to_layout(a.astype(dtype), layout) for a in arrays], work)
+
+        grads, params, states = zip(*entries)
+        g = stack_layout(grads)                                              # (k, *work)
+        axes = tuple(range(1, g.ndim))
+        active = mx.any(g != 0, axis=axes)  # all-zero gradient: leave that tensor untouched
         if self.normalize_grads:
-            g = g / (mx.sqrt(mx.sum(g * g)) + self.eps)
-        count = state["step"]
+            g = g / per_tensor(mx.sqrt(mx.sum(g * g, axis=axes)) + self.eps, g.ndim)
+        count = stack([s["step"] for s in states], ())
         first = count == 0
         count = count + active.astype(count.dtype)
 
-        m_prev, Q_prev, L_prev = state["m"], state["Q"], state["L"]
-        m = lerp(mx.where(first, g, m_prev), g, 1 - self.momentum)
-        G = to_layout(m, layout)
-        Q = [mx.where(first, q0, q) for q0, q in zip(initial_factors(initial_scale(g), layout, dtype), Q_prev)]
-        L = [mx.where(first, mx.zeros_like(ell), ell) for ell in L_prev]
-        if len(Q) == 2:
-            balanced = balance(*Q)
+        m_prev = stack_layout([s["m"] for s in states])
+        m = lerp(mx.where(per_tensor(first, g.ndim), g, m_prev), g, 1 - self.momentum)
+        Q_prev = [stack([s["Q"][j] for s in states], work[:1] + q.shape[1:] if layout.diag else work)
+                  for j, q in enumerate(states[0]["Q"])]
+        L_prev = [stack([s["L"][j] for s in states], ell.shape if layout.diag else (1,))
+                  for j, ell in enumerate(states[0]["L"])]
+        # First update: the unit placeholders become s * I (s * 1); L is still 0. Balancing
+        # divides the left factor by rho and multiplies the right one; both in one pass.
+        scale = mx.where(first, initial_scale(g, self.normalize_grads), 1)           # (k,)
+        if len(Q_prev) == 2:
             now = active & (count % self.balance_every == 0)
-            Q = [mx.where(now, qb, q) for qb, q in zip(balanced, Q)]
+            rho = mx.where(now[:, None], balance_ratio(*Q_prev, layout.diag), 1)  # (k, b)
+            scale = per_tensor(scale, 2)
+            Q = [Q_prev[0] * per_tensor(scale, Q_prev[0].ndim) / per_tensor(rho, Q_prev[0].ndim),
+                 Q_prev[1] * per_tensor(scale * rho, Q_prev[1].ndim)]
+        else:
+            Q = [Q_prev[0] * per_tensor(scale, Q_prev[0].ndim)]
+        L = L_prev
 
         fit = (layout.diag, self.preconditioner_lr, self.precond_beta)
-        if self._startup_graph:
-            startup = first & active
+        if startup:
+            run = first & active
             for _ in range(self.startup_iterations - 1):
-                _, Q_next, L_next = quad_iteration(Q, L, G, *fit)
-                Q = [mx.where(startup, new, old) for new, old in zip(Q_next, Q)]
-                L = [mx.where(startup, new, old) for new, old in zip(L_next, L)]
-        Pg, Q, L = quad_iteration(Q, L, G, *fit)
+                _, Q_next, L_next = quad_iteration(Q, L, m, *fit)
+                Q = [mx.where(per_tensor(run, new.ndim), new, old) for new, old in zip(Q_next, Q)]
+                L = [mx.where(per_tensor(run, new.ndim), new, old) for new, old in zip(L_next, L)]
+        Pg, Q, L = quad_iteration(Q, L, m, *fit)
 
+        def keep(new, old):
+            return mx.where(per_tensor(active, new.ndim), new, old)
+        m, Q, L = keep(m, m_prev), [keep(a, b) for a, b in zip(Q, Q_prev)], [keep(a, b) for a, b in zip(L, L_prev)]
         lr = self.learning_rate.astype(dtype)
-        new = parameter.astype(dtype)
-        if self.weight_decay != 0:
-            new = new * (1 - lr * self.weight_decay)
-        new = new - (lr * self.update_scale) * from_layout(Pg, layout, parameter.shape)
-
-        state["step"] = count
-        state["m"] = mx.where(active, m, m_prev)
-        state["Q"] = [mx.where(active, new_q, q) for new_q, q in zip(Q, Q_prev)]
-        state["L"] = [mx.where(active, new_l, ell) for new_l, ell in zip(L, L_prev)]
-        return mx.where(active, new.astype(parameter.dtype), parameter)
+        decay = 1 - lr * self.weight_decay
+        step_size = lr * self.update_scale
+        results = []
+        for i, (parameter, state) in enumerate(zip(params, states)):
+            state["step"] = count[i]
+            state["m"] = from_layout(m[i].reshape(layout.shape), layout, parameter.shape)
+            state["Q"] = [q[i].reshape(old.shape) for q, old in zip(Q, state["Q"])]
+            state["L"] = [ell[i].reshape(old.shape) for ell, old in zip(L, state["L"])]
+            update = from_layout(Pg[i].reshape(layout.shape), layout, parameter.shape)
+            new = parameter.astype(dtype)
+            if self.weight_decay != 0:
+                new = new * decay
+            new = new - step_size * update
+            results.append(mx.where(active[i], new.astype(parameter.dtype), parameter))
+        return results
