@@ -81,7 +81,7 @@ def parse_sweep_args(kind: str, argv: list) -> tuple:
     if getattr(args, "from_results", None):
         spec.optim_by_name = runner.best_from_results(Path(args.from_results))
         if "optim.name" not in axes:
-            spec.optimizers = [n for n in spec.optim_by_name if n in runner.OPTIMIZERS]
+            spec.optimizers = [n for n in runner.OPTIMIZERS if n in spec.optim_by_name]
         missing = [n for n in axes.get("optim.name", []) if n not in spec.optim_by_name]
         if missing:
             raise ValueError(f"{args.from_results} has no results for {', '.join(map(str, missing))}")
@@ -112,6 +112,10 @@ def main_cli(argv=None) -> int:
         if command in DEFAULT_OUT:
             spec, args = parse_sweep_args(command, rest)
             args.kind = command
+            for name, axes in spec.optim_by_name.items():
+                if name in spec.optimizers:
+                    taken = ", ".join(f"{k.split('.')[-1]}={v[0]}" for k, v in axes.items() if runner.uses(name, k))
+                    print(f"{name}: best configuration in {args.from_results}: {taken}")
             media = None if args.no_plot else media_dir(args)
             return runner.run_sweep(spec, Path(args.out), args.workers, args.dry_run, media, argv)
         if command in ("table", "plot"):
