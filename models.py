@@ -1,7 +1,9 @@
 """A small causal transformer: RoPE attention, RMSNorm, SiLU-gated MLP, read-out from the last token."""
 import fastblas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
+import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -63,16 +65,91 @@ class Attention(nn.Module):
         return self.wo(out.transpose(0, 2, 1, 3).reshape(B, queries.shape[2], D))
 
 
+# ---------------------------------------------------------------------------------------------
+# A faster SiLU gate for MLX's CPU backend outside macOS.
+#
+# There MLX's exp and sigmoid call the C library's ``fmaf`` for every polynomial step (~17 ns per
+# element): the SiLU gate of the first block alone cost more than all its matmuls. ``fast_sigmoid``
+# is the same Cephes polynomial MLX uses, written as plain multiply-adds that ``mx.compile`` fuses
+# into a few generated loops (~10x faster), and the gate gets an explicit backward pass that reuses
+# the forward sigmoid. Both agree with ``nn.silu`` to float32 rounding (tests/test_speed_paths.py).
+# On macOS (Accelerate) and GPU backends the model uses ``nn.silu`` as before.
+
+_LOG2E = 1.4426950408889634
+_ROUND = 12582912.0  # 1.5 * 2**23: adding it rounds a float in (-2**22, 2**22) to an integer, in its low bits
+_EXPONENT = (127 - 0x4B400000) % 2**32  # maps the bits of (n + _ROUND) to those of 2**n after << 23
+_EXP2 = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+         2.402264791363012e-1, 6.931472028550421e-1, 1.0)  # 2**f on [-1/2, 1/2] (Cephes, as in MLX)
+
+
+def use_fast_cpu_kernels() -> bool:
+    """Whether the hand-fused elementwise kernels pay off: MLX's CPU backend outside macOS."""
+    return sys.platform != "darwin" and mx.default_device() == mx.cpu
+
+
+@mx.custom_function
+def fast_sigmoid(x: mx.array) -> mx.array:
+    """``sigmoid(x)`` through ``e = exp(-|x|) = 2**n * 2**f``, from multiply-adds and a bit shift."""
+    t = mx.maximum(mx.minimum(x * _LOG2E, x * -_LOG2E), -126.0)  # -|x| log2(e) >= float32's smallest 2**n
+    rounded = t + _ROUND  # holds n = round(t) in its low mantissa bits
+    two_n = mx.view((mx.view(rounded, mx.uint32) + _EXPONENT) << 23, mx.float32)  # 2**n
+    f = t - (rounded - _ROUND)  # [-1/2, 1/2]
+    c, f2 = _EXP2, f * f  # Estrin's scheme keeps the expression shallow enough to fuse
+    two_f = (c[6] + c[5] * f) + f2 * (c[4] + c[3] * f) + (f2 * f2) * ((c[2] + c[1] * f) + f2 * c[0])
+    e = two_f * two_n
+    return mx.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+@fast_sigmoid.vjp
+def _fast_sigmoid_vjp(primals, cotangent, s):
+    return cotangent * s * (1.0 - s)
+
+
+@mx.custom_function
+def silu_gate(a: mx.array, b: mx.array, keep: mx.array, scale: mx.array):
+    """``(silu(a) * b * scale`` where ``keep`` is true and 0 elsewhere, ``sigmoid(a))``.
+
+    The second output is for the backward pass (it takes no gradient).
+    """
+    s = fast_sigmoid(a)
+    return mx.where(keep, (a * s) * b * scale, 0.0), s
+
+
+@silu_gate.vjp
+def _silu_gate_vjp(primals, cotangents, outputs):
+    a, b, keep, scale = primals
+    g, s = cotangents[0], outputs[1]
+    # d silu(a) / da = s + a s (1 - s). No shared intermediate, so each gradient is one fused loop.
+    da = mx.where(keep, ((g * b) * s) * (1.0 + a * (1.0 - s)) * scale, 0.0)
+    db = mx.where(keep, (a * g) * s * scale, 0.0)
+    return da, db, mx.zeros_like(keep), mx.zeros_like(scale)
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
         self.w2 = nn.Linear(cfg.mlp_dim, cfg.dim, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.keep_prob = 1 - cfg.dropout  # dropout on the SiLU branch, as nn.Dropout(cfg.dropout)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(self.dropout(nn.silu(self.w1(x))) * self.w3(x))
+    def draw_mask(self, shape) -> Optional[mx.array]:
+        """The dropout mask for hidden activations of ``shape`` (what ``nn.Dropout`` draws), or None."""
+        if not self.training or self.keep_prob == 1:
+            return None
+        return mx.random.bernoulli(self.keep_prob, shape)
+
+    def __call__(self, x: mx.array, keep: Optional[mx.array] = None) -> mx.array:
+        """``keep``: the dropout mask to use; drawn here when training and not given."""
+        a, b = self.w1(x), self.w3(x)  # (..., mlp_dim)
+        if keep is None:
+            keep = self.draw_mask(a.shape)
+        if not use_fast_cpu_kernels():
+            h = nn.silu(a) if keep is None else (keep * nn.silu(a)) * (1 / self.keep_prob)  # as nn.Dropout
+            return self.w2(h * b)
+        if keep is None:
+            return self.w2(a * fast_sigmoid(a) * b)
+        return self.w2(silu_gate(a, b, keep, mx.array(1 / self.keep_prob))[0])
 
 
 class Block(nn.Module):
@@ -85,10 +162,10 @@ class Block(nn.Module):
         self.ff_norm = nn.RMSNorm(cfg.dim)
         self.ff = FeedForward(cfg)
 
-    def __call__(self, x: mx.array, last_only: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, last_only: bool = False, keep: Optional[mx.array] = None) -> mx.array:
         h = self.attn(self.attn_norm(x), last_only)
         x = (x[:, -1:] if last_only else x) + h
-        return x + self.ff(self.ff_norm(x))
+        return x + self.ff(self.ff_norm(x), keep)
 
 
 class Transformer(nn.Module):
@@ -99,15 +176,31 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(cfg.dim)
         self.out = nn.Linear(cfg.dim, vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array) -> mx.array:
-        """Logits ``(B, V)`` for the token after ``tokens`` ``(B, L)``."""
+    def __call__(self, tokens: mx.array, masks: Optional[list] = None) -> mx.array:
+        """Logits ``(B, V)`` for the token after ``tokens`` ``(B, L)``.
+
+        ``masks``: dropout masks from :meth:`dropout_masks` (rows may be sliced with the batch); when
+        None, a training pass draws the same masks itself.
+        """
+        masks = masks or [None] * len(self.blocks)
         x = self.embedding(tokens)  # (B, L, D)
-        for block in self.blocks[:-1]:
-            x = block(x)
+        for block, keep in zip(self.blocks[:-1], masks):
+            x = block(x, keep=keep)
         # Only the last position is read out, so the last block computes queries, attention output
         # and MLP for that position alone (keys and values still cover every position).
-        x = self.blocks[-1](x, last_only=True)[:, 0]  # (B, D)
+        x = self.blocks[-1](x, last_only=True, keep=masks[-1])[:, 0]  # (B, D)
         return self.out(self.norm(x))
+
+    def dropout_masks(self, batch_size: int, length: int) -> Optional[list]:
+        """The dropout masks that a training ``self(tokens)`` on ``(batch_size, length)`` tokens draws,
+        in the same order from the same random state (None in eval mode or without dropout).
+
+        Drawing them first lets a caller split the batch and still apply the whole batch's masks.
+        """
+        shapes = [(batch_size, length, ff.w1.weight.shape[0]) for ff in (b.ff for b in self.blocks)]
+        shapes[-1] = (batch_size, 1, shapes[-1][2])  # the last block runs the MLP on the last position only
+        masks = [b.ff.draw_mask(shape) for b, shape in zip(self.blocks, shapes)]
+        return None if masks[0] is None else masks
 
     def full_forward(self, tokens: mx.array) -> mx.array:
         """Logits ``(B, L, V)`` at every position: the unpruned computation, for tests."""
