@@ -415,37 +415,53 @@ class QUAD(Optimizer):
         k = len(entries)
         work = layout.shape if layout.diag else (math.prod(layout.shape),)   # (b, m, n) or (numel,)
 
-        def stack(arrays, shape):
+        def stack(arrays, shape):  # k arrays -> (k, *shape)
             return mx.stack([a.reshape(shape) for a in arrays]) if k > 1 else arrays[0].reshape((1,) + shape)
 
-        def stack_layout(arrays):
-            return stack([to_layout(a.astype(dtype), layout) for a in arrays], work)
+        def unstack(x):  # (k, ...) -> k arrays, with one Split instead of k Gathers
+            return [y.reshape(x.shape[1:]) for y in (mx.split(x, k) if k > 1 else [x])]
 
         grads, params, states = zip(*entries)
-        g = stack_layout(grads)                                              # (k, *work)
-        axes = tuple(range(1, g.ndim))
-        active = mx.any(g != 0, axis=axes)  # all-zero gradient: leave that tensor untouched
-        if self.normalize_grads:
-            g = g / per_tensor(mx.sqrt(mx.sum(g * g, axis=axes)) + self.eps, g.ndim)
-        count = stack([s["step"] for s in states], ())
+        grads = [grad.astype(dtype) for grad in grads]
+        # Per-tensor scalars are computed once on (k,) vectors and handed to the element-wise
+        # kernels below as 0-d arrays: MLX would otherwise fuse the scalar maths into those
+        # kernels and redo it (a sqrt, a division) for every element. ||g||^2 as a BLAS dot.
+        sq = mx.concatenate([(g.reshape(1, -1) @ g.reshape(-1, 1)).reshape(1) for g in grads])
+        active = sq > 0  # a zero (all-zero) gradient leaves its tensor as it is
+        count = stack([state["step"] for state in states], ())
         first = count == 0
         count = count + active.astype(count.dtype)
+        norm = mx.sqrt(sq) + self.eps if self.normalize_grads else mx.ones_like(sq)
+        weight = (1 - self.momentum) * active.astype(dtype)
 
-        m_prev = stack_layout([s["m"] for s in states])
-        m = lerp(mx.where(per_tensor(first, g.ndim), g, m_prev), g, 1 - self.momentum)
-        Q_prev = [stack([s["Q"][j] for s in states], work[:1] + q.shape[1:] if layout.diag else work)
+        momenta = []
+        for g, state, norm_i, first_i, weight_i in zip(grads, states, unstack(norm), unstack(first),
+                                                       unstack(weight)):
+            g = g / norm_i if self.normalize_grads else g
+            m = mx.where(first_i, g, state["m"])          # the first update starts from g
+            momenta.append(m + weight_i * (g - m))          # the old momentum when inactive
+        if startup:
+            s = mx.concatenate([initial_scale(m[None], self.normalize_grads) for m in momenta])  # m = g
+        else:
+            # Only tensors whose first non-zero gradient comes after the first update are
+            # initialised here: from mean(g**2) ** (-1/8), which needs no extra pass over g.
+            mean_sq = sq / (norm * norm) / math.prod(work)
+            s = mx.where(mean_sq > 0, mx.power(mean_sq, -1 / 8), 1)
+        m = stack([to_layout(m, layout) for m in momenta], work)             # (k, *work)
+        Q_prev = [stack([state["Q"][j] for state in states], work[:1] + q.shape[1:] if layout.diag else work)
                   for j, q in enumerate(states[0]["Q"])]
-        L_prev = [stack([s["L"][j] for s in states], ell.shape if layout.diag else (1,))
+        L_prev = [stack([state["L"][j] for state in states], ell.shape if layout.diag else (1,))
                   for j, ell in enumerate(states[0]["L"])]
+
         # First update: the unit placeholders become s * I (s * 1); L is still 0. Balancing
-        # divides the left factor by rho and multiplies the right one; both in one pass.
-        scale = mx.where(first, initial_scale(g, self.normalize_grads), 1)           # (k,)
+        # divides the left factor by rho and multiplies the right one: one pass for both.
+        scale = mx.where(first, s, 1)                                                 # (k,)
         if len(Q_prev) == 2:
             now = active & (count % self.balance_every == 0)
             rho = mx.where(now[:, None], balance_ratio(*Q_prev, layout.diag), 1)  # (k, b)
-            scale = per_tensor(scale, 2)
-            Q = [Q_prev[0] * per_tensor(scale, Q_prev[0].ndim) / per_tensor(rho, Q_prev[0].ndim),
-                 Q_prev[1] * per_tensor(scale * rho, Q_prev[1].ndim)]
+            left, right = Q_prev
+            Q = [left * per_tensor(scale, left.ndim) / per_tensor(rho, left.ndim),
+                 right * per_tensor(scale[:, None] * rho, right.ndim)]
         else:
             Q = [Q_prev[0] * per_tensor(scale, Q_prev[0].ndim)]
         L = L_prev
@@ -460,21 +476,21 @@ class QUAD(Optimizer):
         Pg, Q, L = quad_iteration(Q, L, m, *fit)
 
         def keep(new, old):
-            return mx.where(per_tensor(active, new.ndim), new, old)
-        m, Q, L = keep(m, m_prev), [keep(a, b) for a, b in zip(Q, Q_prev)], [keep(a, b) for a, b in zip(L, L_prev)]
+            return unstack(mx.where(per_tensor(active, new.ndim), new, old))
+        Q, L = [keep(a, b) for a, b in zip(Q, Q_prev)], [keep(a, b) for a, b in zip(L, L_prev)]
         lr = self.learning_rate.astype(dtype)
         decay = 1 - lr * self.weight_decay
         step_size = lr * self.update_scale
         results = []
-        for i, (parameter, state) in enumerate(zip(params, states)):
-            state["step"] = count[i]
-            state["m"] = from_layout(m[i].reshape(layout.shape), layout, parameter.shape)
+        for i, (parameter, state, momentum, update, count_i, active_i) in enumerate(
+                zip(params, states, momenta, unstack(Pg), unstack(count), unstack(active))):
+            state["step"] = count_i
+            state["m"] = momentum
             state["Q"] = [q[i].reshape(old.shape) for q, old in zip(Q, state["Q"])]
             state["L"] = [ell[i].reshape(old.shape) for ell, old in zip(L, state["L"])]
-            update = from_layout(Pg[i].reshape(layout.shape), layout, parameter.shape)
             new = parameter.astype(dtype)
             if self.weight_decay != 0:
                 new = new * decay
-            new = new - step_size * update
-            results.append(mx.where(active[i], new.astype(parameter.dtype), parameter))
+            new = new - step_size * from_layout(update.reshape(layout.shape), layout, parameter.shape)
+            results.append(mx.where(active_i, new.astype(parameter.dtype), parameter))
         return results
