@@ -5,8 +5,8 @@ restatement in its spec; the quirks of that reference are kept so that trajector
 (float64: relative error <= 1e-10 of the distance travelled on the grokking shapes).
 
 The maths lives in pure functions (``merge_dims_to_three``, ``permutation``, ``precondition``,
-``update_dense_side``, ``update_diag_side``, ``lower_bound_norm``, ``balance``, ``quad_iteration``);
-:class:`QUAD` only wires them to the optimizer state.
+``update_dense_side``, ``update_diag_side``, ``lower_bound_norm``, ``balance_ratio``,
+``quad_iteration``); :class:`QUAD` only wires them to the optimizer state.
 """
 import contextlib
 import math
@@ -120,13 +120,6 @@ def initial_scale(g: mx.array, unit_norm: bool = False) -> mx.array:
     return s if unit_norm else s * mx.power(amax, -1 / 4)
 
 
-def lerp(a: mx.array, b: mx.array, weight: float) -> mx.array:
-    """``a + weight * (b - a)``, evaluated the way ``torch.lerp`` does for bitwise-close parity."""
-    if weight < 0.5:
-        return a + weight * (b - a)
-    return b - (b - a) * (1 - weight)
-
-
 def precondition(Q: List[mx.array], diag: Tuple[bool, ...], G: mx.array) -> mx.array:
     """``Pg = P_l G P_r`` with ``P = Q Q^T`` (dense; ``Q`` is symmetric) or ``diag(q * q)``,
     evaluated left to right; ``Pg = q * q * G`` for rank <= 1 tensors."""
@@ -153,7 +146,7 @@ def lower_bound_norm(T: mx.array) -> mx.array:
     power-iteration step from the row of largest norm (the first one on ties), ``||T v||`` with
     ``v = T[i*] / ||T[i*]||``. Returns (..., 1, 1); 0 for an all-zero ``T`` (the reference
     divides 0 by 0 there, spec Q3)."""
-    r = row_energies(T)                                                      # (..., d, 1)
+    r = mx.sum(T * T, axis=-1, keepdims=True)                                # (..., d, 1)
     i = mx.argmax(r, axis=-2, keepdims=True)                                 # (..., 1, 1)
     r_max = mx.take_along_axis(r, i, axis=-2)
     v = mx.take_along_axis(T, i, axis=-2) / mx.sqrt(mx.where(r_max > 0, r_max, 1))  # (..., 1, d)
@@ -196,7 +189,9 @@ def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tupl
     numel = math.prod(G.shape[-3:])
     new_Q, new_L = [], []
     for side, (q, ell, is_diag) in enumerate(zip(Q, L, diag)):
-        target = numel / G.shape[side - 2]
+        # As a 0-d array made by an op, not a Python float: MLX inlines scalar literals into its
+        # compiled kernels, so every layout would need its own (JIT-compiled) kernels.
+        target = mx.full((), numel / G.shape[side - 2], G.dtype)
         if is_diag:
             t = row_energies(Pg)[..., 0] if side == 0 else mx.sum(Pg * Pg, axis=-2)  # (k, b, d)
             q, ell = update_diag_side(q, ell, t, target, precond_lr, precond_beta)
