@@ -115,7 +115,7 @@ def initial_scale(g: mx.array, unit_norm: bool = False) -> mx.array:
         amax = mx.max(mx.abs(g), axis=axes)
         amax = mx.where(amax > 0, amax, 1)
         g = g / per_tensor(amax, g.ndim)
-    mean4 = mx.mean(g * g * g * g, axis=axes)
+    mean4 = mx.sum(g * g * g * g, axis=axes) / mx.full((), math.prod(g.shape[1:]), g.dtype)
     s = mx.where(mean4 > 0, mx.power(mx.power(mean4, -1 / 8), 1 / 2), 1)
     return s if unit_norm else s * mx.power(amax, -1 / 4)
 
@@ -184,7 +184,7 @@ def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tupl
     the size of one whole tensor (batch axis included, spec Q1); 1 for rank <= 1 tensors."""
     Pg = precondition(Q, diag, G)
     if not diag:
-        q, ell = update_diag_side(Q[0], L[0], Pg * Pg, 1.0, precond_lr, precond_beta)
+        q, ell = update_diag_side(Q[0], L[0], Pg * Pg, mx.full((), 1.0, G.dtype), precond_lr, precond_beta)
         return Pg, [q], [ell]
     numel = math.prod(G.shape[-3:])
     new_Q, new_L = [], []
@@ -446,7 +446,7 @@ class QUAD(Optimizer):
         else:
             # Only tensors whose first non-zero gradient comes after the first update are
             # initialised here: from mean(g**2) ** (-1/8), which needs no extra pass over g.
-            mean_sq = sq / (norm * norm) / math.prod(work)
+            mean_sq = sq / (norm * norm) / mx.full((), math.prod(work), dtype)
             s = mx.where(mean_sq > 0, mx.power(mean_sq, -1 / 8), 1)
         m = stack([to_layout(m, layout) for m in momenta], work)             # (k, *work)
         Q_prev = [stack([state["Q"][j] for state in states], work[:1] + q.shape[1:] if layout.diag else work)
@@ -468,12 +468,13 @@ class QUAD(Optimizer):
         L = L_prev
 
         fit = (layout.diag, self.preconditioner_lr, self.precond_beta)
-        if startup:
-            run = first & active
+        if startup:  # one select after the extra fits (not one per fit): fewer distinct kernels
+            Q_fit, L_fit = Q, L
             for _ in range(self.startup_iterations - 1):
-                _, Q_next, L_next = quad_iteration(Q, L, m, *fit)
-                Q = [mx.where(per_tensor(run, new.ndim), new, old) for new, old in zip(Q_next, Q)]
-                L = [mx.where(per_tensor(run, new.ndim), new, old) for new, old in zip(L_next, L)]
+                _, Q_fit, L_fit = quad_iteration(Q_fit, L_fit, m, *fit)
+            run = first & active
+            Q = [mx.where(per_tensor(run, new.ndim), new, old) for new, old in zip(Q_fit, Q)]
+            L = [mx.where(per_tensor(run, new.ndim), new, old) for new, old in zip(L_fit, L)]
         Pg, Q, L = quad_iteration(Q, L, m, *fit)
 
         def keep(new, old):
