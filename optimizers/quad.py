@@ -82,7 +82,7 @@ def factor_layout(shape: Tuple[int, ...], max_size_dense: float, max_skew_dense:
 
 def to_layout(x: mx.array, layout: Layout) -> mx.array:
     """Reshape (and permute) a parameter-shaped array to the preconditioned shape."""
-    x = x.reshape(layout.merged)
+    x = x if x.shape == layout.merged else x.reshape(layout.merged)
     return x.transpose(layout.order) if layout.order else x
 
 
@@ -90,7 +90,7 @@ def from_layout(x: mx.array, layout: Layout, shape: Tuple[int, ...]) -> mx.array
     """Inverse of :func:`to_layout`."""
     if layout.order:
         x = x.transpose([layout.order.index(axis) for axis in range(3)])
-    return x.reshape(shape)
+    return x if x.shape == tuple(shape) else x.reshape(shape)
 
 
 # ---- maths ----------------------------------------------------------------------------------------
@@ -416,8 +416,11 @@ class QUAD(Optimizer):
         k = len(entries)
         work = layout.shape if layout.diag else (math.prod(layout.shape),)   # (b, m, n) or (numel,)
 
+        def reshape(a, shape):  # without a graph node when nothing changes
+            return a if a.shape == tuple(shape) else a.reshape(shape)
+
         def stack(arrays, shape):  # k arrays -> (k, *shape)
-            return mx.stack([a.reshape(shape) for a in arrays]) if k > 1 else arrays[0].reshape((1,) + shape)
+            return mx.stack([reshape(a, shape) for a in arrays]) if k > 1 else arrays[0].reshape((1,) + shape)
 
         def unstack(x):  # (k, ...) -> k arrays, with one Split instead of k Gathers
             return [y.reshape(x.shape[1:]) for y in (mx.split(x, k) if k > 1 else [x])]
@@ -427,7 +430,7 @@ class QUAD(Optimizer):
         # Per-tensor scalars are computed once on (k,) vectors and handed to the element-wise
         # kernels below as 0-d arrays: MLX would otherwise fuse the scalar maths into those
         # kernels and redo it (a sqrt, a division) for every element. ||g||^2 as a BLAS dot.
-        sq = mx.concatenate([(g.reshape(1, -1) @ g.reshape(-1, 1)).reshape(1) for g in grads])
+        sq = mx.concatenate([g.reshape(1, -1) @ g.reshape(-1, 1) for g in grads]).reshape(k)
         active = sq > 0  # a zero (all-zero) gradient leaves its tensor as it is
         count = stack([state["step"] for state in states], ())
         first = count == 0
@@ -488,11 +491,11 @@ class QUAD(Optimizer):
                 zip(params, states, momenta, unstack(Pg), unstack(count), unstack(active))):
             state["step"] = count_i
             state["m"] = momentum
-            state["Q"] = [q[i].reshape(old.shape) for q, old in zip(Q, state["Q"])]
-            state["L"] = [ell[i].reshape(old.shape) for ell, old in zip(L, state["L"])]
+            state["Q"] = [reshape(q[i], old.shape) for q, old in zip(Q, state["Q"])]
+            state["L"] = [reshape(ell[i], old.shape) for ell, old in zip(L, state["L"])]
             new = parameter.astype(dtype)
             if self.weight_decay != 0:
                 new = new * decay
-            new = new - step_size * from_layout(update.reshape(layout.shape), layout, parameter.shape)
+            new = new - step_size * from_layout(reshape(update, layout.shape), layout, parameter.shape)
             results.append(mx.where(active_i, new.astype(parameter.dtype), parameter))
         return results
