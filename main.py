@@ -1,8 +1,10 @@
 """Train the grokking transformer: ``python main.py`` (see README), or ``main.train(config)`` from Python."""
-import fastblas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
+import fastblas  # before mlx: loads an optimized BLAS on Linux
 
 import argparse
 import ast
+import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -16,16 +18,24 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from tqdm import tqdm
+# MLX orders each evaluation's operations breadth-first but only 20 wide by default, so the two halves
+# of a split step (see Trainer) would run one after the other; a wide order interleaves them on the
+# two CPU streams (49 vs 61 ms per default step here). MLX reads it at the first evaluation. It only
+# changes the order in which independent operations run, never a result.
+if sys.platform != "darwin":
+    os.environ.setdefault("MLX_BFS_MAX_WIDTH", "1000")
 
-import data
-import models
-from data import DataConfig
-from models import ModelConfig
-from optimizers import OptimConfig, build_optimizer
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_map  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+import models  # noqa: E402
+from data import DataConfig  # noqa: E402
+from models import ModelConfig  # noqa: E402
+from optimizers import OptimConfig, build_optimizer  # noqa: E402
 
 EVAL_CHUNK = 512  # rows per evaluation forward pass
 
@@ -155,11 +165,95 @@ def first_reaching(metrics: list[dict], threshold: float) -> tuple[Optional[int]
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def loss_and_correct(model, x, y):
-    """Mean cross-entropy and the number of correct predictions of ``model`` on ``(x, y)``."""
-    logits = model(x)
-    loss = nn.losses.cross_entropy(logits, y, reduction="mean")
-    return loss, mx.sum(mx.argmax(logits, axis=1) == y)
+def loss_and_correct(model, x, y, masks=None):
+    """Summed cross-entropy and the number of correct predictions of ``model`` on ``(x, y)``."""
+    logits = model(x, masks)
+    return nn.losses.cross_entropy(logits, y, reduction="sum"), mx.sum(mx.argmax(logits, axis=1) == y)
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Run the block with the optimized BLAS that ``fastblas`` loaded set to ``n`` threads (OpenBLAS)."""
+    lib = ctypes.CDLL(fastblas.LOADED) if fastblas.LOADED else None
+    if lib is None or not hasattr(lib, "openblas_set_num_threads"):
+        yield
+        return
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        lib.openblas_set_num_threads(before)
+
+
+class Trainer:
+    """The model, the optimizer, the compiled train step and the evaluation of one run.
+
+    ``train`` drives it; ``benchmarks/bench.py`` times the very same step. On MLX's CPU backend outside
+    macOS, where MLX runs elementwise work on one thread per stream, every step and evaluation is
+    split into two halves computed concurrently on two CPU streams (with one BLAS thread each, see
+    ``blas_threads``), and the halves' summed-loss gradients are added: the full batch's gradient up
+    to float rounding, with the full batch's dropout masks.
+    """
+
+    def __init__(self, cfg: Config):
+        mx.random.seed(cfg.seed)  # same seed and model config -> same initial weights for every optimizer
+        self.model = model = models.Transformer(cfg.model, cfg.data.vocab_size)
+        self.optimizer = optimizer = build_optimizer(cfg.optim)
+        optimizer.init(model.trainable_parameters())  # before compiling, so the step traces once
+        self.state = [model.state, optimizer.state, mx.random.state]
+        self.streams = [mx.new_stream(mx.cpu) for _ in range(2)] if models.use_fast_cpu_kernels() else None
+
+        def scaled_loss(model, x, y, masks, scale):
+            loss, correct = loss_and_correct(model, x, y, masks)
+            return loss * scale, loss, correct
+
+        grad_fn = nn.value_and_grad(model, scaled_loss)
+
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def step(x, y, masks):
+            parts = []
+            for stream, rows in self._parts(x.shape[0]):
+                with stream:  # the gradient of this part's share of the batch's mean loss
+                    (_, loss, correct), grads = grad_fn(model, x[rows], y[rows],
+                                                        masks and [m[rows] for m in masks], 1 / x.shape[0])
+                    parts.append((loss, correct, grads))
+            loss, correct, grads = parts[0]
+            for part_loss, part_correct, part_grads in parts[1:]:
+                loss, correct = loss + part_loss, correct + part_correct
+                grads = tree_map(mx.add, grads, part_grads)
+            optimizer.update(model, grads)
+            return loss, correct
+
+        @partial(mx.compile, inputs=model.state)
+        def evaluate_part(x, y, part):
+            with self._stream(part):
+                return loss_and_correct(model, x, y)
+
+        self._step, self._evaluate_part = step, evaluate_part
+
+    def _stream(self, part: int):
+        return mx.stream(self.streams[part]) if self.streams else contextlib.nullcontext()
+
+    def _parts(self, n: int):
+        """``(stream context, rows)`` for each part of a batch of ``n`` rows."""
+        if not self.streams or n < 2:
+            return [(contextlib.nullcontext(), slice(0, n))]
+        cut = (n + 1) // 2
+        return [(self._stream(0), slice(0, cut)), (self._stream(1), slice(cut, n))]
+
+    def step(self, x, y):
+        """One optimizer step on the batch ``(x, y)``: returns its summed loss and correct count (lazy)."""
+        # Drawn outside the compiled step, so both halves can share the whole batch's masks.
+        return self._step(x, y, self.model.dropout_masks(*x.shape))
+
+    def evaluate(self, x, y):
+        """Summed loss and correct count over ``(x, y)`` (lazy), in chunks spread over the streams."""
+        self.model.eval()
+        totals = [self._evaluate_part(x[i:i + EVAL_CHUNK], y[i:i + EVAL_CHUNK], j % 2 if self.streams else 0)
+                  for j, i in enumerate(range(0, len(y), EVAL_CHUNK))]
+        self.model.train()
+        return tuple(sum(t[k] for t in totals) for k in range(2))
 
 
 def train(config: Config, out_dir=None, progress: bool = True) -> dict:
@@ -178,50 +272,31 @@ def train(config: Config, out_dir=None, progress: bool = True) -> dict:
     x_train, y_train, x_val, y_val = data.split(cfg.data, np.random.default_rng([cfg.seed, 0]))
     shuffle_rng = np.random.default_rng([cfg.seed, 1])
     x_train, y_train, x_val, y_val = map(mx.array, (x_train, y_train, x_val, y_val))
-    mx.random.seed(cfg.seed)  # same seed and model config -> same initial weights for every optimizer
-    model = models.Transformer(cfg.model, cfg.data.vocab_size)
-    optimizer = build_optimizer(cfg.optim)
-    optimizer.init(model.trainable_parameters())  # before compiling, so the step traces once
+    trainer = Trainer(cfg)
+    with blas_threads(1) if trainer.streams else contextlib.nullcontext():
+        return _train_loop(cfg, trainer, out, progress, shuffle_rng, x_train, y_train, x_val, y_val)
 
-    state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def train_step(x, y):
-        (loss, correct), grads = nn.value_and_grad(model, loss_and_correct)(model, x, y)
-        optimizer.update(model, grads)
-        return loss * x.shape[0], correct
-
-    @partial(mx.compile, inputs=model.state)
-    def eval_chunk(x, y):
-        logits = model(x)
-        return nn.losses.cross_entropy(logits, y, reduction="sum"), mx.sum(mx.argmax(logits, axis=1) == y)
-
-    def evaluate(x, y):
-        model.eval()
-        totals = [eval_chunk(x[i:i + EVAL_CHUNK], y[i:i + EVAL_CHUNK]) for i in range(0, len(y), EVAL_CHUNK)]
-        loss, correct = (sum(t[k] for t in totals) for k in range(2))
-        model.train()
-        return loss.item() / len(y), correct.item() / len(y)
-
+def _train_loop(cfg, trainer, out, progress, shuffle_rng, x_train, y_train, x_val, y_val) -> dict:
     n_train, batch_size = len(y_train), cfg.train.batch_size
     metrics, step, train_s, eval_s = [], 0, 0.0, 0.0
     metrics_file = open(out / "metrics.jsonl.partial", "w") if out is not None else None
     start = time.perf_counter()
     bar = tqdm(range(1, cfg.train.epochs + 1), desc="train", unit="epoch", disable=not progress, file=sys.stdout)
-    model.train()
     for epoch in bar:
         tick = time.perf_counter()
         order = mx.array(shuffle_rng.permutation(n_train))
         loss_sum, correct_sum = mx.array(0.0), mx.array(0)
         for i in range(0, n_train, batch_size):
             idx = order[i:i + batch_size]
-            loss, correct = train_step(x_train[idx], y_train[idx])
+            loss, correct = trainer.step(x_train[idx], y_train[idx])
             loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
-            mx.eval(state, loss_sum, correct_sum)
+            mx.async_eval(trainer.state, loss_sum, correct_sum)  # queue the step; read metrics once per epoch
             step += 1
         train_loss, train_acc = loss_sum.item() / n_train, correct_sum.item() / n_train
         tock = time.perf_counter()
-        val_loss, val_acc = evaluate(x_val, y_val)
+        val_loss, val_correct = trainer.evaluate(x_val, y_val)
+        val_loss, val_acc = val_loss.item() / len(y_val), val_correct.item() / len(y_val)
         train_s, eval_s = train_s + tock - tick, eval_s + time.perf_counter() - tock
         row = dict(epoch=epoch, step=step, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                    val_acc=val_acc, elapsed_s=round(time.perf_counter() - start, 4))

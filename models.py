@@ -119,7 +119,8 @@ def silu_gate(a: mx.array, b: mx.array, keep: mx.array, scale: mx.array):
 def _silu_gate_vjp(primals, cotangents, outputs):
     a, b, keep, scale = primals
     g, s = cotangents[0], outputs[1]
-    # d silu(a) / da = s + a s (1 - s). No shared intermediate, so each gradient is one fused loop.
+    # d silu(a) / da = s + a s (1 - s). The two gradients share no intermediate array, so that each
+    # compiles to a single fused loop.
     da = mx.where(keep, ((g * b) * s) * (1.0 + a * (1.0 - s)) * scale, 0.0)
     db = mx.where(keep, (a * g) * s * scale, 0.0)
     return da, db, mx.zeros_like(keep), mx.zeros_like(scale)
