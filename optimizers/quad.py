@@ -267,10 +267,18 @@ class QUAD(Optimizer):
           sides), so a single graph would pay for the startup iterations on every step.
           Balancing is an ``mx.where`` on the per-tensor step count, so it never retraces.
         * Zero gradients: MLX hands unused parameters all-zero gradients where PyTorch gives
-          ``None``. A tensor whose gradient is exactly zero is left untouched that step: no
-          initialisation, momentum, weight decay, update or step count. A tensor whose first
-          non-zero gradient comes after the optimizer's first update is initialised then but
-          without the startup iterations.
+          ``None`` (and the reference would turn a zero first gradient into NaN). A tensor
+          whose gradient has a zero squared norm (all zero, or so tiny that its squares
+          underflow) is left untouched that step: no initialisation, momentum, weight decay,
+          update or step count. A tensor whose first non-zero gradient comes after the
+          optimizer's first update is initialised then, without the startup iterations and
+          with the scale :math:`\operatorname{mean}(\hat g^2)^{-1/8}`.
+        * State per parameter, arrays only (it round-trips through safetensors): ``step``
+          (updates so far), ``m`` (the momentum), ``Q`` and ``L`` (lists: the factors and
+          their Lipschitz estimates, merged to rank 3, permuted and batch-first as in the
+          reference). The layout is recomputed from the parameter's shape.
+        * :meth:`apply_gradients` updates the parameters of one layout and dtype as a stack
+          (batched matmuls, one graph node where there would be one per tensor).
         * Math runs in float32 for float32/float16/bfloat16 parameters and in float64 (on
           the CPU stream) for float64 ones; the result has the parameter's dtype. For float64
           parity pass ``learning_rate`` as a float64 array (a Python float becomes float32).
@@ -371,7 +379,7 @@ class QUAD(Optimizer):
     def apply_gradients(self, gradients: dict, parameters: dict):
         """Apply the gradients like :meth:`Optimizer.apply_gradients`, but update all parameters
         of one layout and dtype together: one batched matmul per group instead of one per
-        tensor, which on the CPU is what makes QUAD's step cheap."""
+        tensor, which on the CPU saves most of the per-operation overhead."""
         if not self._initialized:
             self.init(gradients)
         for param, scheduler in self._schedulers.items():
@@ -388,19 +396,18 @@ class QUAD(Optimizer):
         index = tree_map(collect, gradients, parameters, self.state)
         groups = {}
         for i, (_, parameter, _) in enumerate(entries):
-            groups.setdefault(self._group_key(i, parameter), []).append(i)
+            layout = self._layout(parameter.shape)
+            groups.setdefault((layout.shape, layout.diag, parameter.dtype), []).append(i)
         results = [None] * len(entries)
         for members in groups.values():
             for i, new in zip(members, self._update_group([entries[i] for i in members], startup)):
                 results[i] = new
         return tree_map(lambda i: results[i], index)
 
-    def _group_key(self, i, parameter):
-        layout = self._layout(parameter.shape)
-        return (layout.shape, layout.diag, parameter.dtype)
-
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        """Performs the QUAD parameter and state update of one parameter."""
+        """Performs the QUAD parameter and state update of one parameter (what
+        :meth:`apply_gradients` does for a group of one); the optimizer's step count and
+        startup flag are left to :meth:`apply_gradients`."""
         return self._update_group([(gradient, parameter, state)], "startup" in self.state)[0]
 
     def _update_group(self, entries, startup: bool) -> List[mx.array]:

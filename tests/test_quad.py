@@ -442,6 +442,19 @@ def test_groups_of_equal_layout_match_separate_updates():
         assert int(together.state[k]["step"]) == int(apart[k].state[k]["step"])
 
 
+def test_apply_single_is_the_per_parameter_update():
+    """mlx's own Optimizer.apply_gradients (one apply_single per parameter) gives the same steps."""
+    rng = np.random.default_rng(0)
+    grads = [random_grads(small_tree(), rng) for _ in range(4)]
+    grouped, single = QUAD(balance_every=2), QUAD(balance_every=2)
+    p_grouped = p_single = small_tree()
+    for g in grads:
+        p_grouped = grouped.apply_gradients(g, p_grouped)
+        p_single = optim.Optimizer.apply_gradients(single, g, p_single)
+    for (name, a), (_, b) in zip(tree_flatten(p_grouped), tree_flatten(p_single)):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_state_round_trips_through_safetensors(tmp_path):
     rng = np.random.default_rng(0)
     grads = [random_grads(small_tree(mx.bfloat16), rng) for _ in range(8)]
