@@ -27,6 +27,7 @@ if sys.platform != "darwin":
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -196,10 +197,11 @@ class Trainer:
     to float rounding, with the full batch's dropout masks.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, optimizer: Optional[optim.Optimizer] = None):
+        """``optimizer``: use this one instead of building ``cfg.optim`` (tests)."""
         mx.random.seed(cfg.seed)  # same seed and model config -> same initial weights for every optimizer
         self.model = model = models.Transformer(cfg.model, cfg.data.vocab_size)
-        self.optimizer = optimizer = build_optimizer(cfg.optim)
+        self.optimizer = optimizer = optimizer or build_optimizer(cfg.optim)
         optimizer.init(model.trainable_parameters())  # before compiling, so the step traces once
         self.state = [model.state, optimizer.state, mx.random.state]
         self.streams = [mx.new_stream(mx.cpu) for _ in range(2)] if models.use_fast_cpu_kernels() else None
@@ -213,7 +215,7 @@ class Trainer:
         @partial(mx.compile, inputs=self.state, outputs=self.state)
         def step(x, y, masks):
             parts = []
-            for stream, rows in self._parts(x.shape[0]):
+            for stream, rows in self.parts(x.shape[0]):
                 with stream:  # the gradient of this part's share of the batch's mean loss
                     (_, loss, correct), grads = grad_fn(model, x[rows], y[rows],
                                                         masks and [m[rows] for m in masks], 1 / x.shape[0])
@@ -235,7 +237,7 @@ class Trainer:
     def _stream(self, part: int):
         return mx.stream(self.streams[part]) if self.streams else contextlib.nullcontext()
 
-    def _parts(self, n: int):
+    def parts(self, n: int):
         """``(stream context, rows)`` for each part of a batch of ``n`` rows."""
         if not self.streams or n < 2:
             return [(contextlib.nullcontext(), slice(0, n))]
@@ -246,6 +248,17 @@ class Trainer:
         """One optimizer step on the batch ``(x, y)``: returns its summed loss and correct count (lazy)."""
         # Drawn outside the compiled step, so both halves can share the whole batch's masks.
         return self._step(x, y, self.model.dropout_masks(*x.shape))
+
+    def epoch(self, x, y, order: mx.array, batch_size: int):
+        """One optimizer step per batch of ``(x, y)`` rows taken in ``order``: the summed loss and correct
+        count (lazy). Steps are queued, not waited for: metrics are read once per epoch."""
+        loss_sum, correct_sum = mx.array(0.0), mx.array(0)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            loss, correct = self.step(x[idx], y[idx])
+            loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
+            mx.async_eval(self.state, loss_sum, correct_sum)
+        return loss_sum, correct_sum
 
     def evaluate(self, x, y):
         """Summed loss and correct count over ``(x, y)`` (lazy), in chunks spread over the streams."""
@@ -286,13 +299,8 @@ def _train_loop(cfg, trainer, out, progress, shuffle_rng, x_train, y_train, x_va
     for epoch in bar:
         tick = time.perf_counter()
         order = mx.array(shuffle_rng.permutation(n_train))
-        loss_sum, correct_sum = mx.array(0.0), mx.array(0)
-        for i in range(0, n_train, batch_size):
-            idx = order[i:i + batch_size]
-            loss, correct = trainer.step(x_train[idx], y_train[idx])
-            loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
-            mx.async_eval(trainer.state, loss_sum, correct_sum)  # queue the step; read metrics once per epoch
-            step += 1
+        loss_sum, correct_sum = trainer.epoch(x_train, y_train, order, batch_size)
+        step += math.ceil(n_train / batch_size)
         train_loss, train_acc = loss_sum.item() / n_train, correct_sum.item() / n_train
         tock = time.perf_counter()
         val_loss, val_correct = trainer.evaluate(x_val, y_val)

@@ -1,0 +1,157 @@
+"""Benchmark the default run: the real train step and evaluation (``main.Trainer``) for every
+registered optimizer, against a GEMM floor measured on the spot, in one process.
+
+    python -m benchmarks.bench [--repeats 3] [--full]
+    python benchmarks/bench.py [--repeats 3] [--full]
+
+Prints, for the default config (``main.Config()``: a / b mod 97, batch 512, dim 128, depth 2):
+
+- the matmul FLOPs of one train step (forward + backward) and of one evaluation (forward over the
+  validation rows), counted from the config;
+- the GEMM floor: the model's own matmul shapes (forward, and the two backward products) timed alone
+  with ``mx.matmul`` through the same BLAS, on the same streams and BLAS threads as the trainer;
+- per optimizer: ms per step and per evaluation (whole epochs as ``main.train`` runs them: 9 full
+  batches, the partial one, then the evaluation; minimum over ``--repeats`` rounds, optimizers
+  interleaved), achieved GFLOP/s, the ratio to the floor and the projected default-run time;
+- the QUAD / AdamW step-time ratio;
+- with ``--full``, the wall time and results of the real default run (``main.train``, no files).
+
+Other processes on the machine slow every number; the load average is printed before and after.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fastblas  # noqa: E402  (before mlx: loads an optimized BLAS on Linux)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import main  # noqa: E402  (before the first evaluation: sets MLX's evaluation order)
+import mlx.core as mx  # noqa: E402
+import data  # noqa: E402
+from optimizers import OPTIMIZERS  # noqa: E402
+
+
+def linear_shapes(cfg: main.Config, rows: int) -> list:
+    """``(M, K, N)`` of every ``nn.Linear`` in one forward pass over ``rows`` sequences: ``(M, K) @ (K, N)``."""
+    m, length, vocab = cfg.model, 4, cfg.data.vocab_size
+    d, h, tokens = m.dim, m.mlp_dim, rows * length
+    full_block = [(tokens, d, d)] * 4 + [(tokens, d, h)] * 2 + [(tokens, h, d)]
+    # The last block projects keys and values at every position, the rest at the last one only.
+    last_block = [(tokens, d, d)] * 2 + [(rows, d, d)] * 2 + [(rows, d, h)] * 2 + [(rows, h, d)]
+    return full_block * (m.depth - 1) + last_block + [(rows, d, vocab)]
+
+
+def flops(shapes: list, backward: bool) -> int:
+    """Matmul FLOPs: ``2 M K N`` forward, twice that again backward (input and weight gradients)."""
+    return sum(2 * m * k * n for m, k, n in shapes) * (3 if backward else 1)
+
+
+def batches(n: int, size: int) -> list:
+    """Row counts of the batches (or evaluation chunks) that cover ``n`` rows."""
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
+def gemm_floor(cfg: main.Config, trainer: main.Trainer, rows: list, backward: bool) -> float:
+    """Seconds for the matmuls of forward (and backward) passes over batches of ``rows``, split over
+    the trainer's streams the way it splits its batches; the best of 5 rounds."""
+    work = []
+    for n in rows:
+        for stream, part in trainer.parts(n):
+            part_rows = part.stop - part.start
+            with stream:
+                for m, k, n_out in linear_shapes(cfg, part_rows):
+                    x, w, g = mx.random.normal((m, k)), mx.random.normal((n_out, k)), mx.random.normal((m, n_out))
+                    work.append((stream, x, w, g))
+    mx.eval([a for item in work for a in item[1:]])
+
+    def run():
+        outs = []
+        for stream, x, w, g in work:
+            with stream:
+                outs.append(x @ w.T)
+                if backward:
+                    outs += [g @ w, g.T @ x]
+        mx.eval(outs)
+
+    run()
+    times = []
+    for _ in range(5):
+        tick = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - tick)
+    return min(times)
+
+
+def time_epochs(trainers: dict, split, repeats: int, batch_size: int) -> dict:
+    """Per optimizer: (train seconds, eval seconds) of whole epochs, the minimum over ``repeats`` rounds."""
+    x_train, y_train, x_val, y_val = split
+    rng = np.random.default_rng(0)
+    results = {name: ([], []) for name in trainers}
+    for round_ in range(repeats + 1):  # round 0 traces, compiles and runs QUAD's startup
+        for name, trainer in trainers.items():
+            order = mx.array(rng.permutation(len(y_train)))
+            tick = time.perf_counter()
+            mx.eval(trainer.epoch(x_train, y_train, order, batch_size))
+            tock = time.perf_counter()
+            mx.eval(trainer.evaluate(x_val, y_val))
+            if round_:
+                results[name][0].append(tock - tick)
+                results[name][1].append(time.perf_counter() - tock)
+    return {name: (min(train), min(evaluation)) for name, (train, evaluation) in results.items()}
+
+
+def run(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per optimizer (default: %(default)s)")
+    parser.add_argument("--full", action="store_true", help="also time the real default run (main.train)")
+    args = parser.parse_args(argv)
+
+    cfg = main.Config().resolved()
+    split = tuple(map(mx.array, data.split(cfg.data, np.random.default_rng([cfg.seed, 0]))))
+    n_train, n_val, batch_size = len(split[1]), len(split[3]), cfg.train.batch_size
+    train_rows, eval_rows = batches(n_train, batch_size), batches(n_val, main.EVAL_CHUNK)
+    steps = len(train_rows)
+    trainers = {name: main.Trainer(main.override(main.Config(), {"optim.name": name})) for name in OPTIMIZERS}
+    reference = next(iter(trainers.values()))
+    layout = "2 CPU streams x 1 BLAS thread" if reference.streams else "1 stream"
+    print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, {layout}, load average {os.getloadavg()[0]:.2f}")
+
+    step_flops = sum(flops(linear_shapes(cfg, n), True) for n in train_rows) / steps
+    eval_flops = sum(flops(linear_shapes(cfg, n), False) for n in eval_rows)
+    print(f"matmul FLOPs: {step_flops / 1e9:.2f} G per step (forward + backward, mean of {steps} batches), "
+          f"{eval_flops / 1e9:.2f} G per evaluation ({n_val} rows)")
+
+    with main.blas_threads(1) if reference.streams else contextlib.nullcontext():
+        floor_step = gemm_floor(cfg, reference, train_rows, True) / steps
+        floor_eval = gemm_floor(cfg, reference, eval_rows, False)
+        print(f"GEMM floor: {1e3 * floor_step:.1f} ms per step ({step_flops / floor_step / 1e9:.0f} GFLOP/s), "
+              f"{1e3 * floor_eval:.1f} ms per evaluation ({eval_flops / floor_eval / 1e9:.0f} GFLOP/s)")
+        timings = time_epochs(trainers, split, args.repeats, batch_size)
+
+    epochs = cfg.train.epochs
+    for name, (train_s, eval_s) in timings.items():
+        step_s = train_s / steps
+        print(f"{name:6s} step {1e3 * step_s:6.1f} ms ({step_flops / step_s / 1e9:4.0f} GFLOP/s, "
+              f"{step_s / floor_step:.2f}x floor)   eval {1e3 * eval_s:6.1f} ms ({eval_flops / eval_s / 1e9:4.0f} "
+              f"GFLOP/s, {eval_s / floor_eval:.2f}x floor)   projected default run ({epochs} epochs) "
+              f"{epochs * (train_s + eval_s):.1f} s")
+    if "quad" in timings and "adamw" in timings:
+        print(f"quad / adamw step time: {timings['quad'][0] / timings['adamw'][0]:.2f}")
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+    if args.full:
+        summary = main.train(cfg, out_dir=None, progress=False)
+        print("default run (main.train): " + ", ".join(
+            f"{k} {summary[k]}" for k in ("wall_s", "ms_per_step", "ms_per_eval", "epochs_to_99", "final_val_acc")))
+        print(f"load average {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

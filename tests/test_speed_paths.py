@@ -1,0 +1,156 @@
+"""The fast paths equal the exact computation: hand-fused SiLU kernels vs ``nn.silu``, the pruned last
+block vs ``full_forward``, a batch split over two CPU streams vs the whole batch, evaluation on streams
+vs one stream, and the dropout masks drawn ahead of the forward pass vs those it draws itself."""
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import data
+import main
+import models
+from models import ModelConfig, Transformer
+
+SMALL = {"data.p": 11, "model.dim": 32, "model.heads": 2, "train.batch_size": 32}
+
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference relative to the largest reference magnitude."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Run the model with ``nn.silu`` and ``nn.Dropout``'s arithmetic, as on macOS."""
+    monkeypatch.setattr(models, "use_fast_cpu_kernels", lambda: False)
+
+
+def test_fast_paths_are_on_for_the_linux_cpu_backend():
+    assert models.use_fast_cpu_kernels() == (sys.platform != "darwin" and mx.default_device() == mx.cpu)
+
+
+def test_fast_sigmoid_matches_the_exact_sigmoid_and_its_gradient():
+    x = np.concatenate([np.linspace(-100, 100, 200_001), [0.0, -0.0, 1e-30, -1e-30, 88.7, -88.7, 150, -150]])
+    x = mx.array(x.astype(np.float32))
+    exact = 1 / (1 + np.exp(-np.asarray(x, dtype=np.float64)))
+    fast = np.asarray(mx.compile(models.fast_sigmoid)(x), dtype=np.float64)
+    # float32 rounding of x * log2(e) alone makes ~4e-6 relative error at |x| ~ 87 (mx.sigmoid's too).
+    normal = exact > 2.0 ** -126
+    assert np.abs(fast - exact).max() <= 2e-7
+    assert (np.abs(fast - exact) / exact)[normal].max() <= 5e-6
+    assert fast[~normal].max() <= 2.0 ** -126  # below float32's normal range: 2**-126 or less
+    grad = mx.grad(lambda x: models.fast_sigmoid(x).sum())(x)
+    assert np.abs(np.asarray(grad) - exact * (1 - exact)).max() <= 1e-7
+
+
+def test_silu_gate_matches_nn_silu_with_dropout_forward_and_backward():
+    mx.random.seed(0)
+    a, b, w = (mx.random.normal((64, 48)) * 4 for _ in range(3))
+    keep = mx.random.bernoulli(0.8, a.shape)
+
+    def fast(a, b):
+        return (models.silu_gate(a, b, keep, mx.array(1 / 0.8))[0] * w).sum()
+
+    def exact(a, b):  # nn.Dropout's arithmetic
+        return (((keep * nn.silu(a)) * (1 / 0.8)) * b * w).sum()
+
+    assert rel_err(fast(a, b), exact(a, b)) <= 1e-6
+    for g_fast, g_exact in zip(mx.grad(fast, argnums=(0, 1))(a, b), mx.grad(exact, argnums=(0, 1))(a, b)):
+        assert rel_err(g_fast, g_exact) <= 1e-6
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fast_kernels_give_the_reference_logits(monkeypatch, training):
+    model = Transformer(ModelConfig(dim=32, depth=2, heads=2), 13)
+    model.train(training)
+    tokens = mx.random.randint(0, 13, (40, 4))
+    mx.random.seed(1)
+    fast = model(tokens)
+    monkeypatch.setattr(models, "use_fast_cpu_kernels", lambda: False)
+    mx.random.seed(1)
+    assert rel_err(fast, model(tokens)) <= 1e-5  # same dropout masks when training
+
+
+def test_pruned_last_block_equals_full_forward_with_fast_kernels():
+    mx.random.seed(2)
+    model = Transformer(ModelConfig(dim=32, depth=2, heads=2), 13)
+    model.eval()
+    tokens = mx.random.randint(0, 13, (40, 4))
+    assert rel_err(model(tokens), model.full_forward(tokens)[:, -1]) <= 1e-5
+
+
+def test_masks_drawn_ahead_are_the_masks_the_forward_pass_draws():
+    model = Transformer(ModelConfig(dim=16, depth=3, heads=2, dropout=0.3), 11)
+    tokens = mx.random.randint(0, 11, (9, 4))
+    mx.random.seed(3)
+    drawn_inside = model(tokens)
+    mx.random.seed(3)
+    masks = model.dropout_masks(9, 4)
+    assert [m.shape for m in masks] == [(9, 4, 64), (9, 4, 64), (9, 1, 64)]
+    assert mx.array_equal(model(tokens, masks), drawn_inside)
+    rows = [model(tokens[:5], [m[:5] for m in masks]), model(tokens[5:], [m[5:] for m in masks])]
+    assert rel_err(mx.concatenate(rows), drawn_inside) <= 1e-6
+    model.eval()
+    assert model.dropout_masks(9, 4) is None
+
+
+def sgd_step(cfg, split: bool, x, y):
+    """Parameters before and after one step of the trainer with SGD(lr=1): their difference is the gradient."""
+    trainer = main.Trainer(cfg, optimizer=optim.SGD(learning_rate=1.0))
+    if not split:
+        trainer.streams = None
+    before = dict(tree_flatten(trainer.model.parameters()))
+    mx.eval(before)
+    loss, correct = trainer.step(x, y)
+    mx.eval(trainer.state, loss, correct)
+    after = dict(tree_flatten(trainer.model.parameters()))
+    return {k: before[k] - after[k] for k in before}, loss.item(), correct.item()
+
+
+@pytest.mark.parametrize("rows", [32, 7])  # a full batch and an odd partial one (parts of 4 and 3 rows)
+def test_split_step_gradient_equals_the_whole_batch_mean_loss_gradient(rows):
+    cfg = main.override(main.Config(), SMALL).resolved()
+    x_train, y_train, _, _ = data.split(cfg.data, np.random.default_rng(0))
+    x, y = mx.array(x_train[:rows]), mx.array(y_train[:rows])
+    split_grads, split_loss, split_correct = sgd_step(cfg, True, x, y)
+    whole_grads, whole_loss, whole_correct = sgd_step(cfg, False, x, y)
+
+    # The exact version: nn.silu and nn.Dropout's arithmetic, the mean loss, one pass, the same masks.
+    mx.random.seed(cfg.seed)
+    model = Transformer(cfg.model, cfg.data.vocab_size)
+
+    def mean_loss(model, x, y):
+        return nn.losses.cross_entropy(model(x), y, reduction="mean")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "use_fast_cpu_kernels", lambda: False)
+        exact_loss, exact_grads = nn.value_and_grad(model, mean_loss)(model, x, y)
+    exact_grads = dict(tree_flatten(exact_grads))
+
+    assert split_grads.keys() == exact_grads.keys()
+    for name, exact in exact_grads.items():
+        assert rel_err(split_grads[name], exact) <= 1e-5, name
+        assert rel_err(whole_grads[name], exact) <= 1e-5, name
+    assert split_loss == pytest.approx(exact_loss.item() * rows, rel=1e-5)
+    assert whole_loss == pytest.approx(split_loss, rel=1e-5)
+    assert split_correct == whole_correct
+
+
+def test_evaluation_on_two_streams_equals_one_stream():
+    cfg = main.override(main.Config(), {**SMALL, "data.p": 47}).resolved()
+    _, _, x_val, y_val = map(mx.array, data.split(cfg.data, np.random.default_rng(0)))
+    assert len(y_val) > 2 * main.EVAL_CHUNK or pytest.skip("needs more than two chunks")
+    results = []
+    for split in (True, False):
+        trainer = main.Trainer(cfg)
+        if not split:
+            trainer.streams = None
+        results.append([v.item() for v in trainer.evaluate(x_val, y_val)])
+    (loss_split, correct_split), (loss_one, correct_one) = results
+    assert loss_split == pytest.approx(loss_one, rel=1e-6)
+    assert correct_split == correct_one
