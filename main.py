@@ -212,14 +212,19 @@ class Trainer:
 
         grad_fn = nn.value_and_grad(model, scaled_loss)
 
+        # Each part of a batch is its own compiled call (traced per part, so per stream): one compiled
+        # graph holding both parts would merge their identical constants into one stream's arrays, and
+        # the other stream's elementwise kernels would then run unfused and strided.
+        @partial(mx.compile, inputs=model.state)
+        def gradients(x, y, masks, scale, part):
+            params = model.trainable_parameters()
+            with self.part_stream(part):  # the gradient of this part's share of the batch's mean loss
+                (_, loss, correct), grads = grad_fn(model, x, y, masks, scale)
+            model.update(params)  # value_and_grad leaves its traced copies in the model
+            return loss, correct, grads
+
         @partial(mx.compile, inputs=self.state, outputs=self.state)
-        def step(x, y, masks):
-            parts = []
-            for stream, rows in self.parts(x.shape[0]):
-                with stream:  # the gradient of this part's share of the batch's mean loss
-                    (_, loss, correct), grads = grad_fn(model, x[rows], y[rows],
-                                                        masks and [m[rows] for m in masks], 1 / x.shape[0])
-                    parts.append((loss, correct, grads))
+        def update(parts):
             loss, correct, grads = parts[0]
             for part_loss, part_correct, part_grads in parts[1:]:
                 loss, correct = loss + part_loss, correct + part_correct
@@ -227,22 +232,27 @@ class Trainer:
             optimizer.update(model, grads)
             return loss, correct
 
+        def step(x, y, masks):
+            n = x.shape[0]
+            return update([gradients(x[rows], y[rows], masks and [m[rows] for m in masks], 1 / n, part)
+                           for part, rows in enumerate(self.parts(n))])
+
         @partial(mx.compile, inputs=model.state)
         def evaluate_part(x, y, part):
-            with self._stream(part):
+            with self.part_stream(part):
                 return loss_and_correct(model, x, y)
 
         self._step, self._evaluate_part = step, evaluate_part
 
-    def _stream(self, part: int):
+    def part_stream(self, part: int):
+        """A context running its operations on the stream of part ``part`` (a no-op without streams)."""
         return mx.stream(self.streams[part]) if self.streams else contextlib.nullcontext()
 
-    def parts(self, n: int):
-        """``(stream context, rows)`` for each part of a batch of ``n`` rows."""
+    def parts(self, n: int) -> list:
+        """The row slices of the parts of a batch of ``n`` rows: part ``i`` runs on stream ``i``."""
         if not self.streams or n < 2:
-            return [(contextlib.nullcontext(), slice(0, n))]
-        cut = (n + 1) // 2
-        return [(self._stream(0), slice(0, cut)), (self._stream(1), slice(cut, n))]
+            return [slice(0, n)]
+        return [slice(0, (n + 1) // 2), slice((n + 1) // 2, n)]
 
     def step(self, x, y):
         """One optimizer step on the batch ``(x, y)``: returns its summed loss and correct count (lazy)."""

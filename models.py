@@ -89,15 +89,18 @@ def use_fast_cpu_kernels() -> bool:
 
 @mx.custom_function
 def fast_sigmoid(x: mx.array) -> mx.array:
-    """``sigmoid(x)`` through ``e = exp(-|x|) = 2**n * 2**f``, from multiply-adds and a bit shift."""
-    t = mx.maximum(mx.minimum(x * _LOG2E, x * -_LOG2E), -126.0)  # -|x| log2(e) >= float32's smallest 2**n
+    """``1 / (1 + exp(-x))`` with ``exp(-x) = 2**n * 2**f`` from multiply-adds and a bit shift.
+
+    Written without selects: MLX's generated loops branch on them, and a data-dependent branch costs
+    more than the arithmetic around it.
+    """
+    t = mx.clip(x * -_LOG2E, -126.0, 126.0)  # -x log2(e), where 2**n stays a normal float32
     rounded = t + _ROUND  # holds n = round(t) in its low mantissa bits
     two_n = mx.view((mx.view(rounded, mx.uint32) + _EXPONENT) << 23, mx.float32)  # 2**n
     f = t - (rounded - _ROUND)  # [-1/2, 1/2]
     c, f2 = _EXP2, f * f  # Estrin's scheme keeps the expression shallow enough to fuse
     two_f = (c[6] + c[5] * f) + f2 * (c[4] + c[3] * f) + (f2 * f2) * ((c[2] + c[1] * f) + f2 * c[0])
-    e = two_f * two_n
-    return mx.where(x >= 0, 1.0, e) / (1.0 + e)
+    return 1.0 / (1.0 + two_f * two_n)
 
 
 @fast_sigmoid.vjp
@@ -107,22 +110,23 @@ def _fast_sigmoid_vjp(primals, cotangent, s):
 
 @mx.custom_function
 def silu_gate(a: mx.array, b: mx.array, keep: mx.array, scale: mx.array):
-    """``(silu(a) * b * scale`` where ``keep`` is true and 0 elsewhere, ``sigmoid(a))``.
+    """``(silu(a) * keep * scale * b, sigmoid(a))``: the dropped-out SiLU gate, as ``nn.Dropout`` computes
+    it (``keep`` is the boolean mask, ``scale = 1 / (1 - p)``).
 
     The second output is for the backward pass (it takes no gradient).
     """
     s = fast_sigmoid(a)
-    return mx.where(keep, (a * s) * b * scale, 0.0), s
+    return ((a * s) * keep) * scale * b, s
 
 
 @silu_gate.vjp
 def _silu_gate_vjp(primals, cotangents, outputs):
     a, b, keep, scale = primals
     g, s = cotangents[0], outputs[1]
-    # d silu(a) / da = s + a s (1 - s). The two gradients share no intermediate array, so that each
-    # compiles to a single fused loop.
-    da = mx.where(keep, ((g * b) * s) * (1.0 + a * (1.0 - s)) * scale, 0.0)
-    db = mx.where(keep, (a * g) * s * scale, 0.0)
+    # d silu(a) / da = s (1 + a (1 - s)). The two gradients share no intermediate array, so that each
+    # compiles to a single fused loop; the mask multiplies (a select on it would branch).
+    da = (((g * keep) * scale) * b) * (s * (1.0 + a * (1.0 - s)))
+    db = (((g * keep) * scale) * a) * s
     return da, db, mx.zeros_like(keep), mx.zeros_like(scale)
 
 

@@ -62,18 +62,17 @@ def gemm_floor(cfg: main.Config, trainer: main.Trainer, rows: list, backward: bo
     the trainer's streams the way it splits its batches; the best of 5 rounds."""
     work = []
     for n in rows:
-        for stream, part in trainer.parts(n):
-            part_rows = part.stop - part.start
-            with stream:
-                for m, k, n_out in linear_shapes(cfg, part_rows):
+        for part, rows_ in enumerate(trainer.parts(n)):
+            with trainer.part_stream(part):
+                for m, k, n_out in linear_shapes(cfg, rows_.stop - rows_.start):
                     x, w, g = mx.random.normal((m, k)), mx.random.normal((n_out, k)), mx.random.normal((m, n_out))
-                    work.append((stream, x, w, g))
+                    work.append((part, x, w, g))
     mx.eval([a for item in work for a in item[1:]])
 
     def run():
         outs = []
-        for stream, x, w, g in work:
-            with stream:
+        for part, x, w, g in work:
+            with trainer.part_stream(part):
                 outs.append(x @ w.T)
                 if backward:
                     outs += [g @ w, g.T @ x]
