@@ -1,11 +1,16 @@
-"""Time QUAD against AdamW on the default grokking model: the compiled optimizer update alone, and
-the whole compiled train step (forward, backward, update) as ``main.train`` runs it.
+"""Time QUAD against AdamW on the default grokking model (dim 128, depth 2, vocab 99, batch 512).
 
-    python benchmarks/quad_step.py [--steps 20] [--repeats 15]
+    python benchmarks/quad_step.py [--steps 10] [--repeats 11]
 
-The two optimizers are timed in alternating rounds of ``--steps`` steps, so that load from other
-processes hits both alike; it prints milliseconds per step (minimum and median over the rounds),
-the process CPU time per step, and the QUAD / AdamW ratios.
+(a) the compiled optimizer update alone on the model's parameter tree, with the BLAS threads as
+    they are and with one BLAS thread (how ``main.Trainer`` runs on Linux); QUAD also with its
+    parameter groups spread over two CPU streams (``QUAD(streams=...)``);
+(b) the real train step, ``main.Trainer.step`` (forward, backward, update) as ``main.train`` runs
+    it, QUAD with and without the trainer's two streams.
+
+Variants are timed in alternating rounds of ``--steps`` steps, so that load from other processes
+hits them alike; it prints milliseconds per step (minimum and median over the rounds) and the ratio
+of the minima to AdamW's. The load average is printed before and after.
 """
 import sys
 from pathlib import Path
@@ -14,12 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fastblas  # noqa: E402,F401  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+import main  # noqa: E402  (before the first evaluation: sets MLX's evaluation order)
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
 import models  # noqa: E402
@@ -28,12 +34,14 @@ from optimizers import OptimConfig, build_optimizer  # noqa: E402
 VOCAB, SEQ, BATCH = 99, 4, 512  # the grokking defaults: p = 97 plus two tokens, [a, op, b, =]
 
 
-def update_only(name: str):
-    """A function running one compiled ``apply_gradients`` on the model's parameter tree."""
+def update_only(name: str, streams: int = 0):
+    """One compiled ``apply_gradients`` on the model's parameter tree (fixed random gradients)."""
     mx.random.seed(0)
     params = models.Transformer(models.ModelConfig(), VOCAB).trainable_parameters()
     grads = tree_map(lambda p: 1e-2 * mx.random.normal(p.shape), params)
     optimizer = build_optimizer(OptimConfig(name=name))
+    if streams:
+        optimizer.streams = [mx.new_stream(mx.cpu) for _ in range(streams)]
     optimizer.init(params)
     state = [optimizer.state]
     step = mx.compile(lambda g, p: optimizer.apply_gradients(g, p), inputs=state, outputs=state)
@@ -45,68 +53,63 @@ def update_only(name: str):
     return run
 
 
-def train_step(name: str):
-    """A function running one compiled train step as ``main.train`` does: loss, gradients, update."""
-    mx.random.seed(0)
-    model = models.Transformer(models.ModelConfig(), VOCAB)
-    optimizer = build_optimizer(OptimConfig(name=name))
-    optimizer.init(model.trainable_parameters())
-    state = [model.state, optimizer.state, mx.random.state]
+def train_step(name: str, streams: bool = False):
+    """One ``main.Trainer.step`` on a fixed random batch; QUAD given the trainer's streams if asked."""
+    trainer = main.Trainer(main.override(main.Config(), {"optim.name": name}))
+    if streams and trainer.streams:
+        trainer.optimizer.streams = trainer.streams
     x = mx.random.randint(0, VOCAB, (BATCH, SEQ))
     y = mx.random.randint(0, VOCAB, (BATCH,))
 
-    def loss_fn(model, x, y):
-        return nn.losses.cross_entropy(model(x), y, reduction="mean")
-
-    def step(x, y):
-        loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
-        optimizer.update(model, grads)
-        return loss
-
-    step = mx.compile(step, inputs=state, outputs=state)
-    model.train()
-
     def run():
-        loss = step(x, y)
-        mx.eval(state, loss)
+        loss, correct = trainer.step(x, y)
+        mx.eval(trainer.state, loss, correct)
     return run
 
 
-def compare(make, steps: int, repeats: int, warmup: int = 5) -> dict:
-    """Per optimizer: wall ms per step (min, median over rounds) and CPU ms per step (median)."""
-    runs = {name: make(name) for name in ("adamw", "quad")}
+def compare(runs: dict, steps: int, repeats: int, warmup: int = 5) -> dict:
+    """Per variant: wall ms per step, (min, median) over alternating rounds."""
     for run in runs.values():
         for _ in range(warmup):  # the first steps trace, compile kernels and run the startup
             run()
-    wall = {name: [] for name in runs}
-    cpu = {name: [] for name in runs}
+    wall = {label: [] for label in runs}
     for _ in range(repeats):
-        for name, run in runs.items():
-            tick, cpu_tick = time.perf_counter(), time.process_time()
+        for label, run in runs.items():
+            tick = time.perf_counter()
             for _ in range(steps):
                 run()
-            wall[name].append(1e3 * (time.perf_counter() - tick) / steps)
-            cpu[name].append(1e3 * (time.process_time() - cpu_tick) / steps)
-    return {name: (min(wall[name]), statistics.median(wall[name]), statistics.median(cpu[name]))
-            for name in runs}
+            wall[label].append(1e3 * (time.perf_counter() - tick) / steps)
+    return {label: (min(ms), statistics.median(ms)) for label, ms in wall.items()}
 
 
-def main():
+def report(title: str, ms: dict):
+    base = ms["adamw"][0]
+    print(title)
+    for label, (low, median) in ms.items():
+        print(f"  {label:28s} {low:7.2f} / {median:7.2f} ms   ratio {low / base:.3f}")
+
+
+def main_():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
-    parser.add_argument("--repeats", type=int, default=15, help="rounds per optimizer")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--repeats", type=int, default=11, help="rounds per variant")
     args = parser.parse_args()
-    print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, "
-          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    for label, make in (("optimizer update", update_only), ("train step", train_step)):
-        ms = compare(make, args.steps, args.repeats)
-        (a_min, a_med, a_cpu), (q_min, q_med, q_cpu) = ms["adamw"], ms["quad"]
-        print(f"{label:16s} adamw {a_min:7.2f} / {a_med:7.2f} ms (cpu {a_cpu:7.2f})   "
-              f"quad {q_min:7.2f} / {q_med:7.2f} ms (cpu {q_cpu:7.2f})   "
-              f"ratio min {q_min / a_min:.3f}, median {q_med / a_med:.3f}")
+    print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, load average {os.getloadavg()[0]:.2f}")
+    report("(a) optimizer update, BLAS threads as set (min / median)",
+           compare({"adamw": update_only("adamw"), "quad": update_only("quad")}, args.steps, args.repeats))
+    with main.blas_threads(1):
+        report("(a) optimizer update, one BLAS thread",
+               compare({"adamw": update_only("adamw"), "quad": update_only("quad"),
+                        "quad, 2 streams": update_only("quad", streams=2)}, args.steps, args.repeats))
+    probe = main.Trainer(main.Config())
+    with main.blas_threads(1) if probe.streams else contextlib.nullcontext():
+        runs = {"adamw": train_step("adamw"), "quad": train_step("quad")}
+        if probe.streams:
+            runs["quad, trainer's 2 streams"] = train_step("quad", streams=True)
+        report(f"(b) main.Trainer step ({'two streams, one BLAS thread each' if probe.streams else 'one stream'})",
+               compare(runs, args.steps, args.repeats))
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    main_()

@@ -11,7 +11,7 @@ The maths lives in pure functions (``merge_dims_to_three``, ``permutation``, ``p
 import contextlib
 import math
 from functools import lru_cache
-from typing import Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
@@ -214,6 +214,18 @@ def balance_ratio(left: mx.array, right: mx.array, diag: Tuple[bool, bool]) -> m
     return mx.sqrt(max_abs(left, diag[0]) / max_abs(right, diag[1]))
 
 
+def group_work(shape: Tuple[int, ...], diag: Tuple[bool, ...], k: int) -> int:
+    """A rough cost of one step of ``k`` tensors of preconditioned ``shape``: the dense factors'
+    matmuls (``3 d^3 + 2 d^2 e`` per slice) plus a few passes over the elements."""
+    numel = math.prod(shape)
+    work = 10 * numel
+    if diag:
+        b, m, n = shape
+        work += sum(b * (3 * d ** 3 + 2 * d * d * e) for d, e, is_diag in ((m, n, diag[0]), (n, m, diag[1]))
+                    if not is_diag)
+    return k * work
+
+
 def compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
     """float64 parameters are handled in float64 (CPU stream), everything else in float32."""
     return mx.float64 if dtype == mx.float64 else mx.float32
@@ -307,6 +319,11 @@ class QUAD(Optimizer):
         update_scale (float, optional): The update is ``learning_rate * update_scale * Pg``;
             the reference's ``lr / 3`` (to match Adam's update norm). Default: ``1/3``.
         eps (float, optional): The gradient normalisation's epsilon. Default: ``1e-6``.
+        streams (list of streams, optional): Spread the parameter groups over these streams,
+            balanced by their estimated work, so that they run concurrently: on a multi-core CPU
+            give it one stream per core *and* one BLAS thread per stream (as ``main.Trainer``
+            runs), else the streams compete for the BLAS threads. Also settable later as the
+            ``streams`` attribute, before the first update. Default: ``None`` (the default stream).
     """
 
     def __init__(
@@ -324,6 +341,7 @@ class QUAD(Optimizer):
         balance_every: int = 250,
         update_scale: float = 1 / 3,
         eps: float = 1e-6,
+        streams: Optional[Sequence[mx.Stream]] = None,
     ):
         if not callable(learning_rate) and not learning_rate >= 0:
             raise ValueError(f"learning_rate={learning_rate} must be >= 0")
@@ -352,6 +370,7 @@ class QUAD(Optimizer):
         self.balance_every = balance_every
         self.update_scale = update_scale
         self.eps = eps
+        self.streams = streams
         # Present until the first update; its presence (not its value) selects the traced graph.
         self.state["startup"] = mx.array(True)
 
@@ -398,10 +417,17 @@ class QUAD(Optimizer):
         for i, (_, parameter, _) in enumerate(entries):
             layout = self._layout(parameter.shape)
             groups.setdefault((layout.shape, layout.diag, parameter.dtype), []).append(i)
+        streams = list(self.streams or [None])
+        load = [0] * len(streams)
         results = [None] * len(entries)
-        for members in groups.values():
-            for i, new in zip(members, self._update_group([entries[i] for i in members], startup)):
-                results[i] = new
+        work = {key: group_work(key[0], key[1], len(members)) for key, members in groups.items()}
+        for key in sorted(groups, key=lambda key: -work[key]):
+            j = load.index(min(load))  # the least loaded stream takes the next biggest group
+            load[j] += work[key]
+            members = groups[key]
+            with mx.stream(streams[j]) if streams[j] is not None else contextlib.nullcontext():
+                for i, new in zip(members, self._update_group([entries[i] for i in members], startup)):
+                    results[i] = new
         return tree_map(lambda i: results[i], index)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):

@@ -357,6 +357,24 @@ def test_compiled_equals_eager_and_traces_twice():
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+def test_streams_spread_the_groups_without_changing_the_result():
+    rng = np.random.default_rng(1)
+    grads = [random_grads(small_tree(), rng) for _ in range(3)]
+    streams = [mx.new_stream(mx.cpu) for _ in range(2)]
+    results = []
+    for optimizer in (QUAD(), QUAD(streams=streams)):
+        params = small_tree()
+        optimizer.init(params)
+        state = [optimizer.state]
+        step = mx.compile(lambda g, p: optimizer.apply_gradients(g, p), inputs=state, outputs=state)
+        for g in grads:
+            params = step(g, params)
+        mx.eval(params, state)
+        results.append(dict(tree_flatten((params, optimizer.state))))
+    for name, a in results[0].items():
+        np.testing.assert_allclose(np.array(results[1][name]), np.array(a), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 def test_startup_iterations_run_on_the_first_update_only():
     rng = np.random.default_rng(3)
     g1, g2 = ({"w": mx.array(rng.standard_normal((4, 4)))} for _ in range(2))
