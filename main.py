@@ -286,10 +286,11 @@ class Trainer:
         return loss_sum, correct_sum
 
     def evaluate(self, x, y):
-        """Summed loss and correct count over ``(x, y)`` (lazy), in chunks spread over the streams."""
+        """Summed loss and correct count over ``(x, y)`` (lazy): each part of the rows (see ``parts``) in
+        chunks of at most ``EVAL_CHUNK`` rows on its own stream."""
         self.model.eval()
-        totals = [self._evaluate_part(x[i:i + EVAL_CHUNK], y[i:i + EVAL_CHUNK], j % 2 if self.streams else 0)
-                  for j, i in enumerate(range(0, len(y), EVAL_CHUNK))]
+        totals = [self._evaluate_part(x[i:min(i + EVAL_CHUNK, rows.stop)], y[i:min(i + EVAL_CHUNK, rows.stop)], part)
+                  for part, rows in enumerate(self.parts(len(y))) for i in range(rows.start, rows.stop, EVAL_CHUNK)]
         self.model.train()
         return tuple(sum(t[k] for t in totals) for k in range(2))
 
