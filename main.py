@@ -218,6 +218,7 @@ class Trainer:
         optimizer.init(model.trainable_parameters())  # before compiling, so the step traces once
         self.state = [model.state, optimizer.state, mx.random.state]
         self.streams = [mx.new_stream(mx.cpu) for _ in range(2)] if models.use_fast_cpu_kernels() else None
+        self.mask_stream = mx.new_stream(mx.cpu) if self.streams else None
         if self.streams:
             keep_freed_memory()
 
@@ -278,12 +279,24 @@ class Trainer:
         """One optimizer step per batch of ``(x, y)`` rows taken in ``order``: the summed loss and correct
         count (lazy). Steps are queued, not waited for: metrics are read once per epoch."""
         loss_sum, correct_sum = mx.array(0.0), mx.array(0)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            loss, correct = self.step(x[idx], y[idx])
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        masks = self._draw_masks(len(batches[0]), x.shape[1])
+        for i, idx in enumerate(batches):
+            # The next batch's masks (drawn in the order step() draws them) start now on a stream of
+            # their own, to run beside this step rather than between two steps.
+            upcoming = self._draw_masks(len(batches[i + 1]), x.shape[1]) if i + 1 < len(batches) else None
+            loss, correct = self._step(x[idx], y[idx], masks)
             loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
             mx.async_eval(self.state, loss_sum, correct_sum)
+            masks = upcoming
         return loss_sum, correct_sum
+
+    def _draw_masks(self, rows: int, length: int):
+        with mx.stream(self.mask_stream) if self.streams else contextlib.nullcontext():
+            masks = self.model.dropout_masks(rows, length)
+        if masks:
+            mx.async_eval(masks)
+        return masks
 
     def evaluate(self, x, y):
         """Summed loss and correct count over ``(x, y)`` (lazy): each part of the rows (see ``parts``) in

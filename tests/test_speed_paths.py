@@ -154,3 +154,21 @@ def test_evaluation_on_two_streams_equals_one_stream():
     (loss_split, correct_split), (loss_one, correct_one) = results
     assert loss_split == pytest.approx(loss_one, rel=1e-6)
     assert correct_split == correct_one
+
+
+def test_an_epoch_equals_its_steps_one_by_one():
+    """``Trainer.epoch`` draws each batch's masks a step ahead (on a stream of their own): same result."""
+    cfg = main.override(main.Config(), {**SMALL, "data.p": 23}).resolved()
+    x_train, y_train, _, _ = map(mx.array, data.split(cfg.data, np.random.default_rng(0)))
+    order = mx.array(np.random.default_rng(1).permutation(len(y_train))[:80])  # batches of 32, 32, 16
+    by_epoch, by_step = main.Trainer(cfg), main.Trainer(cfg)
+    mx.random.seed(5)
+    loss, correct = by_epoch.epoch(x_train, y_train, order, cfg.train.batch_size)
+    mx.eval(by_epoch.state, loss, correct)
+    mx.random.seed(5)
+    totals = [by_step.step(x_train[order[i:i + 32]], y_train[order[i:i + 32]]) for i in range(0, 80, 32)]
+    mx.eval(by_step.state, totals)
+    assert loss.item() == pytest.approx(sum(t[0].item() for t in totals), rel=1e-6)
+    assert correct.item() == sum(t[1].item() for t in totals)
+    for (name, a), (_, b) in zip(tree_flatten(by_epoch.model.parameters()), tree_flatten(by_step.model.parameters())):
+        assert rel_err(a, b) <= 1e-6, name
