@@ -166,10 +166,25 @@ def first_reaching(metrics: list[dict], threshold: float) -> tuple[Optional[int]
 # ---------------------------------------------------------------------------------------------
 # Training
 
-def loss_and_correct(model, x, y, masks=None):
-    """Summed cross-entropy and the number of correct predictions of ``model`` on ``(x, y)``."""
-    logits = model(x, masks)
+def loss_and_correct(model, x, y, masks=None, logits=None):
+    """Summed cross-entropy and the number of correct predictions of ``model`` on ``(x, y)`` (or of
+    ``logits`` already computed for ``x``)."""
+    logits = model(x, masks) if logits is None else logits
     return nn.losses.cross_entropy(logits, y, reduction="sum"), mx.sum(mx.argmax(logits, axis=1) == y)
+
+
+def shared_prefixes(tokens: np.ndarray):
+    """``(P, prefixes, inverse)`` for the prefix length ``P`` that leaves the fewest positions to compute
+    when each distinct prefix ``prefixes[u]`` of ``tokens[:, :P]`` is computed once (``inverse`` maps
+    rows to prefixes), or None when no prefix is shared enough to pay."""
+    n, length = tokens.shape
+    best_cost, best = n * length, None
+    for p in range(1, length):
+        prefixes, inverse = np.unique(tokens[:, :p], axis=0, return_inverse=True)
+        cost = len(prefixes) * p + n * (length - p)
+        if cost < 0.8 * best_cost:
+            best_cost, best = cost, (p, prefixes, inverse.reshape(-1))
+    return best
 
 
 @contextlib.contextmanager
@@ -258,7 +273,15 @@ class Trainer:
             with self.part_stream(part):
                 return loss_and_correct(model, x, y)
 
-        self._step, self._evaluate_part = step, evaluate_part
+        @partial(mx.compile, inputs=model.state)
+        def evaluate_part_after(x, y, rows_prefix, past, part):  # x: the tokens after the prefixes
+            with self.part_stream(part):
+                past = [(keys[rows_prefix], values[rows_prefix]) for keys, values in past]
+                return loss_and_correct(model, x, y, logits=model.logits_after(x, past))
+
+        self._step, self._evaluate_part, self._evaluate_part_after = step, evaluate_part, evaluate_part_after
+        self._prefix_keys_values = mx.compile(model.prefix_keys_values, inputs=model.state)
+        self._prefix_plan = (None, None)  # (evaluation tokens, their shared_prefixes)
 
     def part_stream(self, part: int):
         """A context running its operations on the stream of part ``part`` (a no-op without streams)."""
@@ -300,10 +323,24 @@ class Trainer:
 
     def evaluate(self, x, y):
         """Summed loss and correct count over ``(x, y)`` (lazy): each part of the rows (see ``parts``) in
-        chunks of at most ``EVAL_CHUNK`` rows on its own stream."""
+        chunks of at most ``EVAL_CHUNK`` rows on its own stream. Prefixes shared by many rows (``a op``
+        of ``a op b =``) are computed once each (``Transformer.logits_after``)."""
+        if self._prefix_plan[0] is not x:
+            self._prefix_plan = (x, shared_prefixes(np.asarray(x)))
+        plan = self._prefix_plan[1]
         self.model.eval()
-        totals = [self._evaluate_part(x[i:min(i + EVAL_CHUNK, rows.stop)], y[i:min(i + EVAL_CHUNK, rows.stop)], part)
-                  for part, rows in enumerate(self.parts(len(y))) for i in range(rows.start, rows.stop, EVAL_CHUNK)]
+        if plan is not None:
+            length, prefixes, inverse = plan
+            past = self._prefix_keys_values(mx.array(prefixes))
+            inverse = mx.array(inverse)
+        totals = []
+        for part, rows in enumerate(self.parts(len(y))):
+            for i in range(rows.start, rows.stop, EVAL_CHUNK):
+                chunk = slice(i, min(i + EVAL_CHUNK, rows.stop))
+                if plan is None:
+                    totals.append(self._evaluate_part(x[chunk], y[chunk], part))
+                else:
+                    totals.append(self._evaluate_part_after(x[chunk, length:], y[chunk], inverse[chunk], past, part))
         self.model.train()
         return tuple(sum(t[k] for t in totals) for k in range(2))
 

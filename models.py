@@ -48,21 +48,29 @@ class Attention(nn.Module):
         # base 1e6 and the interleaved ("traditional") layout follow the original MLX grokking model.
         self.rope = nn.RoPE(cfg.dim // cfg.heads, traditional=True, base=1e6)
 
-    def __call__(self, x: mx.array, last_only: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, last_only: bool = False, past: Optional[tuple] = None,
+                 return_kv: bool = False):
+        """Attention of ``x`` ``(B, L, D)`` over itself, after ``past`` = ``(keys, values)`` ``(B, H, P, D/H)``
+        of the ``P`` positions before it when given; with ``return_kv``, also this call's keys and values."""
         B, L, D = x.shape
+        offset = 0 if past is None else past[0].shape[2]
         heads = lambda t: t.reshape(B, t.shape[1], self.heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D/H)
-        keys = self.rope(heads(self.wk(x)))
-        values = heads(self.wv(x))
+        new_keys = self.rope(heads(self.wk(x)), offset=offset)
+        new_values = heads(self.wv(x))
+        keys, values = new_keys, new_values
+        if past is not None:
+            keys, values = mx.concatenate([past[0], keys], axis=2), mx.concatenate([past[1], values], axis=2)
         if last_only:
             # The last query attends to every key, so it needs no mask.
-            queries = self.rope(heads(self.wq(x[:, -1:])), offset=L - 1)
+            queries = self.rope(heads(self.wq(x[:, -1:])), offset=offset + L - 1)
             mask = None
         else:
-            queries = self.rope(heads(self.wq(x)))
-            mask = "causal"
+            queries = self.rope(heads(self.wq(x)), offset=offset)
+            mask = "causal" if past is None else mx.arange(offset + L)[None] <= mx.arange(offset, offset + L)[:, None]
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=(D // self.heads) ** -0.5,
                                                    mask=mask)
-        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, queries.shape[2], D))
+        out = self.wo(out.transpose(0, 2, 1, 3).reshape(B, queries.shape[2], D))
+        return (out, (new_keys, new_values)) if return_kv else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +175,9 @@ class Block(nn.Module):
         self.ff_norm = nn.RMSNorm(cfg.dim)
         self.ff = FeedForward(cfg)
 
-    def __call__(self, x: mx.array, last_only: bool = False, keep: Optional[mx.array] = None) -> mx.array:
-        h = self.attn(self.attn_norm(x), last_only)
+    def __call__(self, x: mx.array, last_only: bool = False, keep: Optional[mx.array] = None,
+                 past: Optional[tuple] = None) -> mx.array:
+        h = self.attn(self.attn_norm(x), last_only, past)
         x = (x[:, -1:] if last_only else x) + h
         return x + self.ff(self.ff_norm(x), keep)
 
@@ -206,6 +215,33 @@ class Transformer(nn.Module):
         shapes[-1] = (batch_size, 1, shapes[-1][2])  # the last block runs the MLP on the last position only
         masks = [b.ff.draw_mask(shape) for b, shape in zip(self.blocks, shapes)]
         return None if masks[0] is None else masks
+
+    def prefix_keys_values(self, prefixes: mx.array) -> list:
+        """Each block's attention ``(keys, values)`` ``(U, H, P, D/H)`` for the ``U`` sequences ``prefixes``
+        ``(U, P)``: what any sequence starting with one of them needs from its first ``P`` positions
+        (eval mode: no dropout). See :meth:`logits_after`."""
+        x = self.embedding(prefixes)
+        cache = []
+        for block in self.blocks:
+            h, kv = block.attn(block.attn_norm(x), return_kv=True)
+            cache.append(kv)
+            if block is not self.blocks[-1]:
+                x = x + h
+                x = x + block.ff(block.ff_norm(x))
+        return cache
+
+    def logits_after(self, tokens: mx.array, past: list) -> mx.array:
+        """``self(concatenate([prefix, tokens], 1))`` in eval mode, from the prefix's keys and values
+        ``past`` (from :meth:`prefix_keys_values`, one row per row of ``tokens``).
+
+        Evaluation sets share few distinct prefixes (here ``a op`` of ``a op b =``): their positions
+        are computed once per distinct prefix instead of once per row, with the same result.
+        """
+        x = self.embedding(tokens)
+        for block, kv in zip(self.blocks[:-1], past):
+            x = block(x, past=kv)
+        x = self.blocks[-1](x, last_only=True, past=past[-1])[:, 0]
+        return self.out(self.norm(x))
 
     def full_forward(self, tokens: mx.array) -> mx.array:
         """Logits ``(B, L, V)`` at every position: the unpruned computation, for tests."""

@@ -141,19 +141,40 @@ def test_split_step_gradient_equals_the_whole_batch_mean_loss_gradient(rows):
     assert split_correct == whole_correct
 
 
-def test_evaluation_on_two_streams_equals_one_stream():
+@pytest.mark.parametrize("length", [1, 2, 3])
+def test_logits_after_shared_prefixes_equal_the_whole_sequences(length):
+    mx.random.seed(4)
+    model = Transformer(ModelConfig(dim=32, depth=3, heads=2), 13)
+    model.eval()
+    tokens = mx.random.randint(0, 13, (50, 4))
+    prefixes, inverse = np.unique(np.asarray(tokens[:, :length]), axis=0, return_inverse=True)
+    past = model.prefix_keys_values(mx.array(prefixes))
+    inverse = mx.array(inverse.reshape(-1))
+    logits = model.logits_after(tokens[:, length:], [(k[inverse], v[inverse]) for k, v in past])
+    assert rel_err(logits, model(tokens)) <= 1e-5
+
+
+def test_shared_prefixes_picks_the_cheapest_split():
+    cfg = main.override(main.Config(), {"data.p": 23}).resolved()
+    _, _, x_val, _ = data.split(cfg.data, np.random.default_rng(0))
+    length, prefixes, inverse = main.shared_prefixes(x_val)
+    assert length == 2 and len(prefixes) <= 23  # "a op"
+    assert np.array_equal(prefixes[inverse], x_val[:, :2])
+    assert main.shared_prefixes(np.arange(40).reshape(10, 4)) is None  # nothing shared
+
+
+def test_evaluation_on_streams_and_shared_prefixes_equals_the_plain_evaluation(monkeypatch):
     cfg = main.override(main.Config(), {**SMALL, "data.p": 47}).resolved()
     _, _, x_val, y_val = map(mx.array, data.split(cfg.data, np.random.default_rng(0)))
-    assert len(y_val) > 2 * main.EVAL_CHUNK or pytest.skip("needs more than two chunks")
-    results = []
-    for split in (True, False):
-        trainer = main.Trainer(cfg)
-        if not split:
-            trainer.streams = None
-        results.append([v.item() for v in trainer.evaluate(x_val, y_val)])
-    (loss_split, correct_split), (loss_one, correct_one) = results
-    assert loss_split == pytest.approx(loss_one, rel=1e-6)
-    assert correct_split == correct_one
+    assert len(y_val) > 2 * main.EVAL_CHUNK  # several chunks per stream
+    fast = [v.item() for v in main.Trainer(cfg).evaluate(x_val, y_val)]
+    trainer = main.Trainer(cfg)  # the exact version: one stream, whole sequences, reference kernels
+    trainer.streams = None
+    monkeypatch.setattr(main, "shared_prefixes", lambda tokens: None)
+    monkeypatch.setattr(models, "use_fast_cpu_kernels", lambda: False)
+    exact = [v.item() for v in trainer.evaluate(x_val, y_val)]
+    assert fast[0] == pytest.approx(exact[0], rel=1e-5)
+    assert fast[1] == exact[1]
 
 
 def test_an_epoch_equals_its_steps_one_by_one():
