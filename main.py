@@ -218,11 +218,16 @@ def keep_freed_memory() -> None:
 class Trainer:
     """The model, the optimizer, the compiled train step and the evaluation of one run.
 
-    ``train`` drives it; ``benchmarks/bench.py`` times the very same step. On MLX's CPU backend outside
-    macOS, where MLX runs elementwise work on one thread per stream, every step and evaluation is
-    split into two halves computed concurrently on two CPU streams (with one BLAS thread each, see
-    ``blas_threads``), and the halves' summed-loss gradients are added: the full batch's gradient up
-    to float rounding, with the full batch's dropout masks.
+    ``train`` drives it and ``benchmarks/bench.py`` times it. On MLX's CPU backend outside macOS, where
+    MLX runs each stream's elementwise work on one thread:
+
+    - every batch is split in two halves whose summed-loss gradients are computed concurrently on two
+      CPU streams (one BLAS thread each, see ``blas_threads``) and added: the whole batch's mean-loss
+      gradient up to float rounding, with the whole batch's dropout masks;
+    - those masks are drawn a step ahead on a third stream (the same random numbers, in the same order);
+    - evaluation splits its rows over the two streams and computes prefixes shared by many rows once.
+
+    Elsewhere it runs the plain single-stream step and evaluation.
     """
 
     def __init__(self, cfg: Config, optimizer: Optional[optim.Optimizer] = None):
