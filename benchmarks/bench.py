@@ -7,9 +7,9 @@ registered optimizer, against a GEMM floor measured on the spot, in one process.
 Prints, for the default config (``main.Config()``: a / b mod 97, batch 512, dim 128, depth 2):
 
 - the matmul FLOPs of one train step (forward + backward) and of one evaluation (forward over the
-  validation rows), counted from the config;
+  validation rows, computing shared prefixes once as ``Trainer.evaluate`` does), counted from the config;
 - the GEMM floor: the model's own matmul shapes (forward, and the two backward products) timed alone
-  with ``mx.matmul`` through the same BLAS, on the same streams and BLAS threads as the trainer;
+  with ``mx.matmul`` through the same BLAS, split over the same streams and BLAS threads as the trainer;
 - per optimizer: ms per step and per evaluation (whole epochs as ``main.train`` runs them: 9 full
   batches, the partial one, then the evaluation; minimum over ``--repeats`` rounds, optimizers
   interleaved), achieved GFLOP/s, the ratio to the floor and the projected default-run time;
@@ -26,6 +26,7 @@ import fastblas  # noqa: E402  (before mlx: loads an optimized BLAS on Linux)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
@@ -37,9 +38,10 @@ import data  # noqa: E402
 from optimizers import OPTIMIZERS  # noqa: E402
 
 
-def linear_shapes(cfg: main.Config, rows: int) -> list:
-    """``(M, K, N)`` of every ``nn.Linear`` in one forward pass over ``rows`` sequences: ``(M, K) @ (K, N)``."""
-    m, length, vocab = cfg.model, 4, cfg.data.vocab_size
+def linear_shapes(cfg: main.Config, rows: int, length: int = 4) -> list:
+    """``(M, K, N)`` of every ``nn.Linear`` in a forward pass over ``rows`` sequences of ``length`` tokens
+    (``(M, K) @ (K, N)``), the last block pruned to the last position as the model does."""
+    m, vocab = cfg.model, cfg.data.vocab_size
     d, h, tokens = m.dim, m.mlp_dim, rows * length
     full_block = [(tokens, d, d)] * 4 + [(tokens, d, h)] * 2 + [(tokens, h, d)]
     # The last block projects keys and values at every position, the rest at the last one only.
@@ -47,32 +49,51 @@ def linear_shapes(cfg: main.Config, rows: int) -> list:
     return full_block * (m.depth - 1) + last_block + [(rows, d, vocab)]
 
 
+def prefix_shapes(cfg: main.Config, prefixes: int, length: int) -> list:
+    """The same for ``Transformer.prefix_keys_values`` over ``prefixes`` distinct prefixes of ``length``."""
+    d, h, tokens = cfg.model.dim, cfg.model.mlp_dim, prefixes * length
+    full_block = [(tokens, d, d)] * 4 + [(tokens, d, h)] * 2 + [(tokens, h, d)]
+    return full_block * (cfg.model.depth - 1) + [(tokens, d, d)] * 4
+
+
 def flops(shapes: list, backward: bool) -> int:
     """Matmul FLOPs: ``2 M K N`` forward, twice that again backward (input and weight gradients)."""
     return sum(2 * m * k * n for m, k, n in shapes) * (3 if backward else 1)
 
 
-def batches(n: int, size: int) -> list:
-    """Row counts of the batches (or evaluation chunks) that cover ``n`` rows."""
-    return [min(size, n - i) for i in range(0, n, size)]
+def train_work(cfg: main.Config, trainer: main.Trainer, n_train: int) -> list:
+    """``(part, shapes)`` of the matmuls of one epoch's steps, split into parts as the trainer splits them."""
+    rows = [min(cfg.train.batch_size, n_train - i) for i in range(0, n_train, cfg.train.batch_size)]
+    return [(part, linear_shapes(cfg, r.stop - r.start)) for n in rows for part, r in enumerate(trainer.parts(n))]
 
 
-def gemm_floor(cfg: main.Config, trainer: main.Trainer, rows: list, backward: bool) -> float:
-    """Seconds for the matmuls of forward (and backward) passes over batches of ``rows``, split over
-    the trainer's streams the way it splits its batches; the best of 5 rounds."""
-    work = []
-    for n in rows:
-        for part, rows_ in enumerate(trainer.parts(n)):
-            with trainer.part_stream(part):
-                for m, k, n_out in linear_shapes(cfg, rows_.stop - rows_.start):
-                    x, w, g = mx.random.normal((m, k)), mx.random.normal((n_out, k)), mx.random.normal((m, n_out))
-                    work.append((part, x, w, g))
-    mx.eval([a for item in work for a in item[1:]])
+def eval_work(cfg: main.Config, trainer: main.Trainer, tokens: np.ndarray) -> list:
+    """``(part, shapes)`` of the matmuls of one evaluation as ``Trainer.evaluate`` runs it (part None:
+    the shared prefixes, on the default stream)."""
+    n, length = tokens.shape
+    plan = main.shared_prefixes(tokens)
+    work, suffix = ([], length) if plan is None else ([(None, prefix_shapes(cfg, len(plan[1]), plan[0]))],
+                                                      length - plan[0])
+    for part, r in enumerate(trainer.parts(n)):
+        for i in range(r.start, r.stop, main.EVAL_CHUNK):
+            work.append((part, linear_shapes(cfg, min(main.EVAL_CHUNK, r.stop - i), suffix)))
+    return work
+
+
+def gemm_floor(work: list, trainer: main.Trainer, backward: bool) -> float:
+    """Seconds for the matmuls of ``work`` (forward, and backward), each part on the trainer's stream for
+    it; the best of 5 rounds."""
+    arrays = []
+    for part, shapes in work:
+        with trainer.part_stream(part) if part is not None else contextlib.nullcontext():
+            for m, k, n in shapes:
+                arrays.append((part, mx.random.normal((m, k)), mx.random.normal((n, k)), mx.random.normal((m, n))))
+    mx.eval([a for item in arrays for a in item[1:]])
 
     def run():
         outs = []
-        for part, x, w, g in work:
-            with trainer.part_stream(part):
+        for part, x, w, g in arrays:
+            with trainer.part_stream(part) if part is not None else contextlib.nullcontext():
                 outs.append(x @ w.T)
                 if backward:
                     outs += [g @ w, g.T @ x]
@@ -114,21 +135,23 @@ def run(argv=None) -> int:
     cfg = main.Config().resolved()
     split = tuple(map(mx.array, data.split(cfg.data, np.random.default_rng([cfg.seed, 0]))))
     n_train, n_val, batch_size = len(split[1]), len(split[3]), cfg.train.batch_size
-    train_rows, eval_rows = batches(n_train, batch_size), batches(n_val, main.EVAL_CHUNK)
-    steps = len(train_rows)
+    steps = math.ceil(n_train / batch_size)
     trainers = {name: main.Trainer(main.override(main.Config(), {"optim.name": name})) for name in OPTIMIZERS}
     reference = next(iter(trainers.values()))
     layout = "2 CPU streams x 1 BLAS thread" if reference.streams else "1 stream"
     print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, {layout}, load average {os.getloadavg()[0]:.2f}")
 
-    step_flops = sum(flops(linear_shapes(cfg, n), True) for n in train_rows) / steps
-    eval_flops = sum(flops(linear_shapes(cfg, n), False) for n in eval_rows)
+    training, evaluation = train_work(cfg, reference, n_train), eval_work(cfg, reference, np.asarray(split[2]))
+    step_flops = sum(flops(shapes, True) for _, shapes in training) / steps
+    eval_flops = sum(flops(shapes, False) for _, shapes in evaluation)
+    whole_eval_flops = flops(linear_shapes(cfg, n_val), False)
     print(f"matmul FLOPs: {step_flops / 1e9:.2f} G per step (forward + backward, mean of {steps} batches), "
-          f"{eval_flops / 1e9:.2f} G per evaluation ({n_val} rows)")
+          f"{eval_flops / 1e9:.2f} G per evaluation ({n_val} rows; {whole_eval_flops / 1e9:.2f} G without "
+          f"sharing prefixes)")
 
     with main.blas_threads(1) if reference.streams else contextlib.nullcontext():
-        floor_step = gemm_floor(cfg, reference, train_rows, True) / steps
-        floor_eval = gemm_floor(cfg, reference, eval_rows, False)
+        floor_step = gemm_floor(training, reference, True) / steps
+        floor_eval = gemm_floor(evaluation, reference, False)
         print(f"GEMM floor: {1e3 * floor_step:.1f} ms per step ({step_flops / floor_step / 1e9:.0f} GFLOP/s), "
               f"{1e3 * floor_eval:.1f} ms per evaluation ({eval_flops / floor_eval / 1e9:.0f} GFLOP/s)")
         timings = time_epochs(trainers, split, args.repeats, batch_size)
