@@ -241,6 +241,8 @@ class Trainer:
         self.mask_stream = mx.new_stream(mx.cpu) if self.streams else None
         if self.streams:
             keep_freed_memory()
+            if hasattr(optimizer, "streams"):  # QUAD: spread its parameter groups over the same streams
+                optimizer.streams = self.streams
 
         def scaled_loss(model, x, y, masks, scale):
             loss, correct = loss_and_correct(model, x, y, masks)
