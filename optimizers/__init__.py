@@ -7,7 +7,7 @@ would otherwise vary a knob that does nothing.
 """
 import fastblas  # noqa: F401  (before mlx: loads an optimized BLAS on Linux)
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import mlx.optimizers as optim
