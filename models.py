@@ -49,23 +49,26 @@ class Attention(nn.Module):
         self.rope = nn.RoPE(cfg.dim // cfg.heads, traditional=True, base=1e6)
 
     def __call__(self, x: mx.array, last_only: bool = False, past: Optional[tuple] = None,
-                 return_kv: bool = False):
+                 return_kv: bool = False, qkv: Optional[tuple] = None):
         """Attention of ``x`` ``(B, L, D)`` over itself, after ``past`` = ``(keys, values)`` ``(B, H, P, D/H)``
-        of the ``P`` positions before it when given; with ``return_kv``, also this call's keys and values."""
-        B, L, D = x.shape
+        of the ``P`` positions before it when given; with ``return_kv``, also this call's keys and values.
+        ``qkv``: ``(wq(x), wk(x), wv(x))`` already computed (then ``x`` is not used)."""
+        B, L, D = (x if qkv is None else qkv[0]).shape
+        project = (lambda i, w: w(x)) if qkv is None else (lambda i, w: qkv[i])
         offset = 0 if past is None else past[0].shape[2]
         heads = lambda t: t.reshape(B, t.shape[1], self.heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D/H)
-        new_keys = self.rope(heads(self.wk(x)), offset=offset)
-        new_values = heads(self.wv(x))
+        new_keys = self.rope(heads(project(1, self.wk)), offset=offset)
+        new_values = heads(project(2, self.wv))
         keys, values = new_keys, new_values
         if past is not None:
             keys, values = mx.concatenate([past[0], keys], axis=2), mx.concatenate([past[1], values], axis=2)
         if last_only:
             # The last query attends to every key, so it needs no mask.
-            queries = self.rope(heads(self.wq(x[:, -1:])), offset=offset + L - 1)
+            queries = self.rope(heads(self.wq(x[:, -1:]) if qkv is None else qkv[0][:, -1:]),
+                                offset=offset + L - 1)
             mask = None
         else:
-            queries = self.rope(heads(self.wq(x)), offset=offset)
+            queries = self.rope(heads(project(0, self.wq)), offset=offset)
             mask = "causal" if past is None else mx.arange(offset + L)[None] <= mx.arange(offset, offset + L)[:, None]
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=(D // self.heads) ** -0.5,
                                                    mask=mask)
@@ -138,6 +141,20 @@ def _silu_gate_vjp(primals, cotangents, outputs):
     return da, db, mx.zeros_like(keep), mx.zeros_like(scale)
 
 
+@mx.custom_function
+def gather_rows(table: mx.array, indices: mx.array) -> mx.array:
+    """``table[indices]``, whose gradient is a matmul with the one-hot rows of ``indices`` rather than
+    MLX's scatter-add (one BLAS call on the CPU)."""
+    return table[indices]
+
+
+@gather_rows.vjp
+def _gather_rows_vjp(primals, cotangent, output):
+    table, indices = primals
+    one_hot = (indices.reshape(-1, 1) == mx.arange(table.shape[0])).astype(cotangent.dtype)  # (N, V)
+    return one_hot.T @ cotangent.reshape(-1, table.shape[1]), mx.zeros_like(indices)
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -176,13 +193,16 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg)
 
     def __call__(self, x: mx.array, last_only: bool = False, keep: Optional[mx.array] = None,
-                 past: Optional[tuple] = None) -> mx.array:
-        h = self.attn(self.attn_norm(x), last_only, past)
+                 past: Optional[tuple] = None, qkv: Optional[tuple] = None) -> mx.array:
+        """``qkv``: the attention's projections of ``attn_norm(x)``, already computed (see ``Transformer``)."""
+        h = self.attn(self.attn_norm(x) if qkv is None else None, last_only, past, qkv=qkv)
         x = (x[:, -1:] if last_only else x) + h
         return x + self.ff(self.ff_norm(x), keep)
 
 
 class Transformer(nn.Module):
+    lookup_first_qkv = True  # on the fast CPU path, look the first block's q/k/v up per token (first_qkv)
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, cfg.dim)
@@ -198,12 +218,26 @@ class Transformer(nn.Module):
         """
         masks = masks or [None] * len(self.blocks)
         x = self.embedding(tokens)  # (B, L, D)
+        qkv = self.first_qkv(tokens) if self._lookup_first_qkv() else None
         for block, keep in zip(self.blocks[:-1], masks):
-            x = block(x, keep=keep)
+            x, qkv = block(x, keep=keep, qkv=qkv), None
         # Only the last position is read out, so the last block computes queries, attention output
         # and MLP for that position alone (keys and values still cover every position).
         x = self.blocks[-1](x, last_only=True, keep=masks[-1])[:, 0]  # (B, D)
         return self.out(self.norm(x))
+
+    def _lookup_first_qkv(self) -> bool:
+        return self.lookup_first_qkv and use_fast_cpu_kernels() and len(self.blocks) > 1
+
+    def first_qkv(self, tokens: mx.array) -> tuple:
+        """The first block's attention projections ``wq, wk, wv`` of ``attn_norm(embedding(tokens))``, each
+        ``(B, L, D)``, looked up per token: the input of the first block is the token's embedding, so
+        they are rows of ``attn_norm(embedding.weight) @ W.T`` ``(V, D)``, computed once per vocabulary
+        entry rather than once per position (the same products, per row). Their gradient reaches the
+        tables through ``gather_rows``."""
+        attn, table = self.blocks[0].attn, self.blocks[0].attn_norm(self.embedding.weight)  # (V, D)
+        table = mx.concatenate([attn.wq(table), attn.wk(table), attn.wv(table)], axis=-1)  # (V, 3D)
+        return tuple(mx.split(gather_rows(table, tokens), 3, axis=-1))
 
     def dropout_masks(self, batch_size: int, length: int) -> Optional[list]:
         """The dropout masks that a training ``self(tokens)`` on ``(batch_size, length)`` tokens draws,
@@ -238,8 +272,9 @@ class Transformer(nn.Module):
         are computed once per distinct prefix instead of once per row, with the same result.
         """
         x = self.embedding(tokens)
+        qkv = self.first_qkv(tokens) if self._lookup_first_qkv() else None
         for block, kv in zip(self.blocks[:-1], past):
-            x = block(x, past=kv)
+            x, qkv = block(x, past=kv, qkv=qkv), None
         x = self.blocks[-1](x, last_only=True, past=past[-1])[:, 0]
         return self.out(self.norm(x))
 

@@ -193,3 +193,32 @@ def test_an_epoch_equals_its_steps_one_by_one():
     assert correct.item() == sum(t[1].item() for t in totals)
     for (name, a), (_, b) in zip(tree_flatten(by_epoch.model.parameters()), tree_flatten(by_step.model.parameters())):
         assert rel_err(a, b) <= 1e-6, name
+
+
+def test_first_block_qkv_looked_up_per_token_equals_the_projections_logits_and_gradients(monkeypatch):
+    """``Transformer.first_qkv`` (tables per token, one-hot matmul gradient) vs the per-position path."""
+    mx.random.seed(4)
+    model = Transformer(ModelConfig(dim=32, depth=2, heads=2), 13)
+    tokens = mx.random.randint(0, 13, (40, 4))
+    y = mx.random.randint(0, 13, (40,))
+    masks = model.dropout_masks(40, 4)
+
+    def loss(model):
+        return nn.losses.cross_entropy(model(tokens, masks), y, reduction="sum")
+
+    def run(lookup):
+        monkeypatch.setattr(Transformer, "lookup_first_qkv", lookup)
+        return model(tokens, masks), nn.value_and_grad(model, loss)(model)[1]
+
+    (fast, fast_grads), (exact, exact_grads) = run(True), run(False)
+    assert rel_err(fast, exact) <= 1e-5
+    exact_grads = dict(tree_flatten(exact_grads))
+    for key, g in tree_flatten(fast_grads):
+        assert rel_err(g, exact_grads[key]) <= 1e-5, key
+    model.eval()
+    prefixes = tokens[:, :2]
+    past = model.prefix_keys_values(prefixes)
+    monkeypatch.setattr(Transformer, "lookup_first_qkv", False)
+    exact = model.logits_after(tokens[:, 2:], past)
+    monkeypatch.setattr(Transformer, "lookup_first_qkv", True)
+    assert rel_err(model.logits_after(tokens[:, 2:], past), exact) <= 1e-5
