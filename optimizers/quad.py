@@ -146,7 +146,7 @@ def lower_bound_norm(T: mx.array) -> mx.array:
     power-iteration step from the row of largest norm (the first one on ties), ``||T v||`` with
     ``v = T[i*] / ||T[i*]||``. Returns (..., 1, 1); 0 for an all-zero ``T`` (the reference
     divides 0 by 0 there, spec Q3)."""
-    r = mx.sum(T * T, axis=-1, keepdims=True)                                # (..., d, 1)
+    r = row_energies(T)                                                      # (..., d, 1)
     i = mx.argmax(r, axis=-2, keepdims=True)                                 # (..., 1, 1)
     r_max = mx.take_along_axis(r, i, axis=-2)
     v = mx.take_along_axis(T, i, axis=-2) / mx.sqrt(mx.where(r_max > 0, r_max, 1))  # (..., 1, d)
@@ -168,12 +168,14 @@ def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float,
     """One step of a dense symmetric factor ``Q`` (..., d, d) towards ``E[T] = target * I``, with
     ``T = Pg Pg^T`` (left) or ``Pg^T Pg`` (right): the two-sided ("quadratic") update
     ``Q <- E Q E``, ``E = I - a (T - target I)``, ``a = (precond_lr / 2) / L``, evaluated as
-    ``p = Q - a (T Q - target Q)``, ``p <- p - a (p T - target p)``, ``Q <- (p + p^T) / 2``.
+    ``E = (1 + a target) I - a T``, ``p = (E Q) E``, ``Q <- (p + p^T) / 2`` (the reference's
+    ``p = Q - a (T Q - target Q)``, ``p <- p - a (p T - target p)`` up to rounding, with one
+    element-wise pass over ``T`` instead of two).
     A congruence, so ``Q`` stays symmetric positive semi-definite for any step size."""
     L = update_lipschitz(L, lower_bound_norm(T) + target, precond_beta)
     a = (precond_lr / 2) / L                                                 # (..., 1, 1)
-    p = Q - a * (T @ Q - target * Q)
-    p = p - a * (p @ T - target * p)
+    E = (1 + a * target) * mx.eye(T.shape[-1], dtype=T.dtype) - a * T        # one element-wise pass
+    p = (E @ Q) @ E
     return (p + p.swapaxes(-1, -2)) / 2, L
 
 
@@ -462,8 +464,9 @@ class QUAD(Optimizer):
         grads = [grad.astype(dtype) for grad in grads]
         # Per-tensor scalars are computed once on (k,) vectors and handed to the element-wise
         # kernels below as 0-d arrays: MLX would otherwise fuse the scalar maths into those
-        # kernels and redo it (a sqrt, a division) for every element. ||g||^2 as a BLAS dot.
-        sq = mx.concatenate([g.reshape(1, -1) @ g.reshape(-1, 1) for g in grads]).reshape(k)
+        # kernels and redo it (a sqrt, a division) for every element. ||g||^2 as a BLAS dot
+        # (with a transposed view: a faster BLAS path than a column copy).
+        sq = mx.concatenate([g.reshape(1, -1) @ g.reshape(1, -1).T for g in grads]).reshape(k)
         active = sq > 0  # a zero (all-zero) gradient leaves its tensor as it is
         count = stack([state["step"] for state in states], ())
         first = count == 0
