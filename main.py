@@ -38,7 +38,7 @@ from data import DataConfig  # noqa: E402
 from models import ModelConfig  # noqa: E402
 from optimizers import OptimConfig, build_optimizer  # noqa: E402
 
-EVAL_CHUNK = 512  # rows per evaluation forward pass
+EVAL_CHUNK = 2048  # rows per evaluation forward pass (larger chunks: fewer, larger kernels; 512 took ~15% longer)
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,7 @@ def test_shared_prefixes_picks_the_cheapest_split():
 def test_evaluation_on_streams_and_shared_prefixes_equals_the_plain_evaluation(monkeypatch):
     cfg = main.override(main.Config(), {**SMALL, "data.p": 47}).resolved()
     _, _, x_val, y_val = map(mx.array, data.split(cfg.data, np.random.default_rng(0)))
+    monkeypatch.setattr(main, "EVAL_CHUNK", 256)
     assert len(y_val) > 2 * main.EVAL_CHUNK  # several chunks per stream
     fast = [v.item() for v in main.Trainer(cfg).evaluate(x_val, y_val)]
     trainer = main.Trainer(cfg)  # the exact version: one stream, whole sequences, reference kernels
