@@ -455,10 +455,20 @@ class QUAD(Optimizer):
             return a if a.shape == tuple(shape) else a.reshape(shape)
 
         def stack(arrays, shape):  # k arrays -> (k, *shape)
-            return mx.stack([reshape(a, shape) for a in arrays]) if k > 1 else arrays[0].reshape((1,) + shape)
+            if k == 1:
+                return arrays[0].reshape((1,) + shape)
+            if not shape:
+                return mx.stack(arrays)
+            # Concatenated along their first axis, then one Reshape (not one ExpandDims per array).
+            return mx.concatenate([reshape(a, shape) for a in arrays]).reshape((k,) + shape)
 
         def unstack(x):  # (k, ...) -> k arrays, with one Split instead of k Gathers
-            return [y.reshape(x.shape[1:]) for y in (mx.split(x, k) if k > 1 else [x])]
+            if k == 1:
+                return [x.reshape(x.shape[1:])]
+            if x.ndim == 1:
+                return [y.reshape(()) for y in mx.split(x, k)]
+            # One Reshape, then a Split along the merged first axis (not one Reshape per array).
+            return mx.split(x.reshape((k * x.shape[1],) + x.shape[2:]), k)
 
         grads, params, states = zip(*entries)
         grads = [grad.astype(dtype) for grad in grads]
