@@ -35,18 +35,26 @@ import numpy as np  # noqa: E402
 import main  # noqa: E402  (before the first evaluation: sets MLX's evaluation order)
 import mlx.core as mx  # noqa: E402
 import data  # noqa: E402
+import models  # noqa: E402
 from optimizers import OPTIMIZERS  # noqa: E402
+
+
+def first_qkv_looked_up(cfg: main.Config) -> bool:
+    """Whether the model looks its first block's q/k/v up per token (``Transformer.first_qkv``)."""
+    return models.Transformer.lookup_first_qkv and models.use_fast_cpu_kernels() and cfg.model.depth > 1
 
 
 def linear_shapes(cfg: main.Config, rows: int, length: int = 4) -> list:
     """``(M, K, N)`` of every ``nn.Linear`` in a forward pass over ``rows`` sequences of ``length`` tokens
-    (``(M, K) @ (K, N)``), the last block pruned to the last position as the model does."""
+    (``(M, K) @ (K, N)``), the last block pruned to the last position as the model does, and the first
+    block's q/k/v projected per vocabulary entry when the model looks them up per token."""
     m, vocab = cfg.model, cfg.data.vocab_size
     d, h, tokens = m.dim, m.mlp_dim, rows * length
     full_block = [(tokens, d, d)] * 4 + [(tokens, d, h)] * 2 + [(tokens, h, d)]
+    first_block = ([(vocab, d, d)] * 3 + full_block[3:]) if first_qkv_looked_up(cfg) else full_block
     # The last block projects keys and values at every position, the rest at the last one only.
     last_block = [(tokens, d, d)] * 2 + [(rows, d, d)] * 2 + [(rows, d, h)] * 2 + [(rows, h, d)]
-    return full_block * (m.depth - 1) + last_block + [(rows, d, vocab)]
+    return (first_block + full_block * (m.depth - 2) if m.depth > 1 else []) + last_block + [(rows, d, vocab)]
 
 
 def prefix_shapes(cfg: main.Config, prefixes: int, length: int) -> list:
