@@ -56,7 +56,7 @@ def plot_run(run_dir, out_path) -> list[Path]:
     for dark, path in ((False, out_path), (True, out_path.with_name(out_path.stem + "_dark" + out_path.suffix))):
         fig = draw_run(metrics, title, dark)
         tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-        fig.savefig(tmp, dpi=150, transparent=dark)
+        fig.savefig(tmp, dpi=150)
         plt.close(fig)
         tmp.replace(path)
         saved.append(path)
