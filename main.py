@@ -116,24 +116,13 @@ def override(cfg, overrides: dict, prefix: str = ""):
     return dataclasses.replace(cfg, **changes)
 
 
-def flatten(cfg, prefix: str = "") -> dict:
+def flatten(cfg) -> dict:
     """``{dotted_key: value}`` for every leaf field of a nested config."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(flatten(value, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = value
-    return out
-
-
-def config_from_dict(d: dict) -> Config:
-    """Inverse of ``dataclasses.asdict`` for ``Config`` (reads ``config.json``)."""
-    return override(Config(), {k: v for k, v in flatten_dict(d).items()})
+    return flatten_dict(dataclasses.asdict(cfg))
 
 
 def flatten_dict(d: dict, prefix: str = "") -> dict:
+    """``{dotted_key: value}`` for every leaf of a nested dict (e.g. a ``config.json``)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -143,8 +132,10 @@ def flatten_dict(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Results files
+def config_from_dict(d: dict) -> Config:
+    """Inverse of ``dataclasses.asdict`` for ``Config`` (reads ``config.json``)."""
+    return override(Config(), flatten_dict(d))
+
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to ``path`` via a temporary file and ``os.replace``: readers see all or nothing."""
@@ -332,14 +323,16 @@ class Trainer:
         """Summed loss and correct count over ``(x, y)`` (lazy): each part of the rows (see ``parts``) in
         chunks of at most ``EVAL_CHUNK`` rows on its own stream. Prefixes shared by many rows (``a op``
         of ``a op b =``) are computed once each (``Transformer.logits_after``)."""
-        if self._prefix_plan[0] is not x:
-            self._prefix_plan = (x, shared_prefixes(np.asarray(x)))
+        if self._prefix_plan[0] is not x:  # planned once per evaluation set, not once per epoch
+            plan = shared_prefixes(np.asarray(x))
+            if plan is not None:
+                plan = (plan[0], mx.array(plan[1]), mx.array(plan[2]))
+            self._prefix_plan = (x, plan)
         plan = self._prefix_plan[1]
         self.model.eval()
         if plan is not None:
             length, prefixes, inverse = plan
-            past = self._prefix_keys_values(mx.array(prefixes))
-            inverse = mx.array(inverse)
+            past = self._prefix_keys_values(prefixes)
         totals = []
         for part, rows in enumerate(self.parts(len(y))):
             for i in range(rows.start, rows.stop, EVAL_CHUNK):

@@ -17,8 +17,8 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
-from plot import TRAIN_COLOR, VAL_COLOR  # noqa: E402  (the single-run figure's colours)
-from sweeps.runner import best_points, group_points, load_rows, point_key, read_jsonl, summarize  # noqa: E402
+from plot import TRAIN_COLOR, VAL_COLOR, read_metrics  # noqa: E402  (shared with the single-run figure)
+from sweeps.runner import best_points, group_points, load_rows, point_key, summarize  # noqa: E402
 
 LABELS = {
     "model.dim": "model width (dim)", "model.depth": "depth (blocks)", "model.heads": "attention heads",
@@ -195,7 +195,7 @@ def optimizer_figures(out: Path, rows: list[dict], media: Path, colors: dict) ->
     compare_fig, compare_axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, point in sorted(best.items()):
         runs = groups[point_key(point)]
-        curves = {f"seed {r['seed']}": read_jsonl(out / "runs" / r["run"] / "metrics.jsonl") for r in runs}
+        curves = {f"seed {r['seed']}": read_metrics(out / "runs" / r["run"]) for r in runs}
         hyper = [k for k in point if k.startswith("optim.") and k != "optim.name"]
         reached = (f"median {point['epochs_median']:g} epochs ({point['steps_median']:g} steps), "
                    f"{point['solved']}/{point['n']} seeds solved" if point["solved"]

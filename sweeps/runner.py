@@ -30,6 +30,7 @@ from typing import Optional
 
 from main import Config, config_from_dict, first_reaching, flatten, flatten_dict, override, train, write_json_atomic
 from optimizers import HYPERPARAMETERS, OPTIMIZERS
+from plot import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = 0.9  # target validation accuracy when a sweep has no early stop
@@ -346,11 +347,6 @@ class SweepLock:
 # ---------------------------------------------------------------------------------------------
 # Results table and statistics
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def run_target(flat_config: dict, target: Optional[float]) -> float:
     """The target accuracy: ``target`` if given, else the run's early-stop accuracy, else 0.9."""
     if target is not None:
@@ -374,7 +370,7 @@ def collect(out: Path, target: Optional[float] = None) -> list[dict]:
         elif math.isclose(goal, 0.99):
             epochs, steps = summary["epochs_to_99"], summary["steps_to_99"]
         else:
-            epochs, steps = first_reaching(read_jsonl(d / "metrics.jsonl"), goal)
+            epochs, steps = first_reaching(read_metrics(d), goal)
         rows[digest] = {"run": d.name, "hash": digest, "optim.name": flat["optim.name"], "seed": flat["seed"],
                         "target": goal, "solved": epochs is not None, "epochs_to_target": epochs,
                         "steps_to_target": steps, **flat, **summary}
