@@ -15,7 +15,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 # ---- layout: which shape the preconditioner sees ------------------------------------------------
 
@@ -101,7 +101,15 @@ def from_layout(x: mx.array, layout: Layout, shape: Tuple[int, ...]) -> mx.array
 
 def per_tensor(x: mx.array, ndim: int) -> mx.array:
     """Reshape a per-tensor value (k,) to broadcast against a (k, ...) array of rank ``ndim``."""
+    if x.size == 1:  # as a 0-d array, which element-wise kernels take as a scalar (not strided)
+        return x.reshape(())
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def leading(x, ndim: int):
+    """A per-slice value (n,) shaped to broadcast against (n, ...) arrays of rank ``ndim``; a Python
+    scalar or bool as it is."""
+    return per_tensor(x, ndim) if isinstance(x, mx.array) else x
 
 
 def initial_scale(g: mx.array, unit_norm: bool = False) -> mx.array:
@@ -153,54 +161,66 @@ def lower_bound_norm(T: mx.array) -> mx.array:
     return mx.sqrt(mx.sum(mx.square(v @ T), axis=-1, keepdims=True))
 
 
-def update_diag_side(q: mx.array, L: mx.array, t: mx.array, target: float,
-                     precond_lr: float, precond_beta: float) -> Tuple[mx.array, mx.array]:
-    """One step of a diagonal factor ``q`` (..., d) towards ``E[t] = target``, where ``t`` are the
-    row (left) or column (right) energies of ``Pg``: ``q <- q * gamma**2``,
-    ``gamma = 1 - (precond_lr / 2) / L * (t - target)``, with ``L`` (..., 1) from ``max(t) + target``."""
-    L = update_lipschitz(L, mx.max(t, axis=-1, keepdims=True) + target, precond_beta)
-    gamma = 1 - ((precond_lr / 2) / L) * (t - target)
-    return q * (gamma * gamma), L
+def update_diag_side(q: mx.array, L: mx.array, t: mx.array, target: float, precond_lr: float,
+                     precond_beta: float, scale=1.0, gate=True) -> Tuple[mx.array, mx.array]:
+    """One step of a diagonal factor ``scale * q`` (..., d) towards ``E[t] = target``, where ``t`` are
+    the row (left) or column (right) energies of ``Pg``: ``q <- scale * q * gamma**2``,
+    ``gamma = 1 - (precond_lr / 2) / L * (t - target)``, with ``L`` (..., 1) from ``max(t) + target``.
+    Where ``gate`` is False (and ``scale`` 1) ``q`` and ``L`` come back exactly as they were."""
+    gate, scale = leading(gate, L.ndim), leading(scale, q.ndim)
+    L = mx.where(gate, update_lipschitz(L, mx.max(t, axis=-1, keepdims=True) + target, precond_beta), L)
+    a = mx.where(gate, (precond_lr / 2) / L, 0)
+    gamma = 1 - a * (t - target)
+    return q * (scale * (gamma * gamma)), L
 
 
-def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float,
-                      precond_lr: float, precond_beta: float) -> Tuple[mx.array, mx.array]:
-    """One step of a dense symmetric factor ``Q`` (..., d, d) towards ``E[T] = target * I``, with
-    ``T = Pg Pg^T`` (left) or ``Pg^T Pg`` (right): the two-sided ("quadratic") update
-    ``Q <- E Q E``, ``E = I - a (T - target I)``, ``a = (precond_lr / 2) / L``, evaluated as
-    ``E = (1 + a target) I - a T``, ``p = (E Q) E``, ``Q <- (p + p^T) / 2`` (the reference's
-    ``p = Q - a (T Q - target Q)``, ``p <- p - a (p T - target p)`` up to rounding, with one
-    element-wise pass over ``T`` instead of two).
-    A congruence, so ``Q`` stays symmetric positive semi-definite for any step size."""
-    L = update_lipschitz(L, lower_bound_norm(T) + target, precond_beta)
-    a = (precond_lr / 2) / L                                                 # (..., 1, 1)
-    E = (1 + a * target) * mx.eye(T.shape[-1], dtype=T.dtype) - a * T        # one element-wise pass
-    p = (E @ Q) @ E
-    return (p + p.swapaxes(-1, -2)) / 2, L
+def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float, precond_lr: float,
+                      precond_beta: float, scale=1.0, gate=True) -> Tuple[mx.array, mx.array]:
+    """One step of a dense symmetric factor ``scale * Q`` (..., d, d) towards ``E[T] = target * I``,
+    with ``T = Pg Pg^T`` (left) or ``Pg^T Pg`` (right): the two-sided ("quadratic") update
+    ``Q <- E Q E``, ``E = I - a (T - target I)``, ``a = (precond_lr / 2) / L``, as the reference
+    evaluates it: ``Z = Q - a (T Q - target Q)``, ``p = Z - a (Z T - target Z)``, then
+    ``Q <- (p + p^T) / 2`` (here in one element-wise pass over ``Z``, ``Z T`` and their transposes).
+    A congruence, so ``Q`` stays symmetric positive semi-definite for any step size. Where ``gate``
+    is False (and ``scale`` 1) ``Q`` and ``L`` come back exactly as they were (``a = 0``)."""
+    gate, scale = leading(gate, L.ndim), leading(scale, Q.ndim)
+    L = mx.where(gate, update_lipschitz(L, lower_bound_norm(T) + target, precond_beta), L)
+    a = mx.where(gate, (precond_lr / 2) / L, 0)                              # (..., 1, 1)
+    c = 1 + a * target
+    Z = c * Q - a * (T @ Q)
+    Y = Z @ T
+    return (c * (Z + Z.swapaxes(-1, -2)) - a * (Y + Y.swapaxes(-1, -2))) * (scale / 2), L
 
 
 def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tuple[bool, ...],
-                   precond_lr: float, precond_beta: float):
+                   precond_lr: float, precond_beta: float, scales=(1.0, 1.0), gate=True,
+                   numel: Optional[int] = None):
     """Precondition ``G`` with the current factors, then update every factor from that same
     ``Pg`` (Jacobi style, spec Q6). Returns ``(Pg, Q, L)``. The targets are ``N / d`` with ``N``
-    the size of one whole tensor (batch axis included, spec Q1); 1 for rank <= 1 tensors."""
+    the size of one whole tensor (batch axis included, spec Q1): ``numel``, or that of ``G`` when
+    ``G`` is one tensor (b, m, n); 1 for rank <= 1 tensors.
+
+    The factors stand for ``scales[side] * Q[side]`` (the first update's initial scale and the
+    balancing, applied without a pass over ``Q``): ``G`` must then already carry the product of
+    the squared scales. Where ``gate`` is False the factors and ``L`` are left exactly as they are."""
     Pg = precondition(Q, diag, G)
     if not diag:
-        q, ell = update_diag_side(Q[0], L[0], Pg * Pg, mx.full((), 1.0, G.dtype), precond_lr, precond_beta)
+        q, ell = update_diag_side(Q[0], L[0], Pg * Pg, mx.full((), 1.0, G.dtype), precond_lr, precond_beta,
+                                  scales[0], gate)
         return Pg, [q], [ell]
-    numel = math.prod(G.shape[-3:])
+    numel = numel or math.prod(G.shape[-3:])
     new_Q, new_L = [], []
-    for side, (q, ell, is_diag) in enumerate(zip(Q, L, diag)):
+    for side, (q, ell, is_diag, scale) in enumerate(zip(Q, L, diag, scales)):
         # As a 0-d array made by an op, not a Python float: MLX inlines scalar literals into its
         # compiled kernels, so every layout would need its own (JIT-compiled) kernels.
         target = mx.full((), numel / G.shape[side - 2], G.dtype)
         if is_diag:
-            t = row_energies(Pg)[..., 0] if side == 0 else mx.sum(Pg * Pg, axis=-2)  # (k, b, d)
-            q, ell = update_diag_side(q, ell, t, target, precond_lr, precond_beta)
+            t = row_energies(Pg)[..., 0] if side == 0 else mx.sum(Pg * Pg, axis=-2)  # (..., d)
+            q, ell = update_diag_side(q, ell, t, target, precond_lr, precond_beta, scale, gate)
         else:
             PgT = Pg.swapaxes(-1, -2)
-            T = Pg @ PgT if side == 0 else PgT @ Pg                          # (k, b, d, d)
-            q, ell = update_dense_side(q, ell, T, target, precond_lr, precond_beta)
+            T = Pg @ PgT if side == 0 else PgT @ Pg                          # (..., d, d)
+            q, ell = update_dense_side(q, ell, T, target, precond_lr, precond_beta, scale, gate)
         new_Q.append(q)
         new_L.append(ell)
     return Pg, new_Q, new_L
@@ -231,6 +251,14 @@ def group_work(shape: Tuple[int, ...], diag: Tuple[bool, ...], k: int) -> int:
 def compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
     """float64 parameters are handled in float64 (CPU stream), everything else in float32."""
     return mx.float64 if dtype == mx.float64 else mx.float32
+
+
+def group_name(layout: Layout, dtype: mx.Dtype) -> str:
+    """The key of a group of parameters updated together: compute dtype, preconditioned shape and
+    factor kinds, e.g. ``"float32_1x128x512_dense_diag"`` or ``"float32_128_solo"``."""
+    shape = "x".join(map(str, layout.shape)) or "scalar"
+    kinds = "_".join("diag" if diag else "dense" for diag in layout.diag) or "solo"
+    return f"{str(dtype).split('.')[-1]}_{shape}_{kinds}"
 
 
 def _stream_for(dtype: mx.Dtype):
@@ -375,33 +403,90 @@ class QUAD(Optimizer):
         self.streams = streams
         # Present until the first update; its presence (not its value) selects the traced graph.
         self.state["startup"] = mx.array(True)
+        self._members = {}  # group name -> parameter paths, in the order of the group's rows
+        self._layouts = {}  # group name -> Layout
 
     def _layout(self, shape) -> Layout:
         return factor_layout(tuple(shape), self.max_size_dense, self.max_skew_dense,
                              self.precondition_largest_two_dims)
 
+    def _group_of(self, parameter: mx.array) -> Tuple[str, Layout, mx.Dtype]:
+        layout, dtype = self._layout(parameter.shape), compute_dtype(parameter.dtype)
+        return group_name(layout, dtype), layout, dtype
+
     def init_single(self, parameter: mx.array, state: dict):
-        """Zero momentum and step count, unit placeholder factors (``I`` or ``1``) that the first
-        non-zero gradient scales, and zero Lipschitz estimates."""
+        """The state of one parameter, a group of one: zero momentum (in the preconditioned layout)
+        and step count, unit placeholder factors (``I`` or ``1``) that the first non-zero gradient
+        scales, and zero Lipschitz estimates."""
         layout = self._layout(parameter.shape)
         dtype = compute_dtype(parameter.dtype)
         with _stream_for(dtype):
-            state["step"] = mx.array(0, mx.int32)
-            state["m"] = mx.zeros(parameter.shape, dtype)
+            state["step"] = mx.zeros((1,), mx.int32)
             if not layout.diag:
-                state["Q"] = [mx.ones(layout.shape, dtype)]
-                state["L"] = [mx.zeros((), dtype)]
-                return
+                state["m"] = mx.zeros((1, math.prod(layout.shape)), dtype)
+                state["Q"] = [mx.ones((1, math.prod(layout.shape)), dtype)]
+                state["L"] = [mx.zeros((1, 1), dtype)]
+                return state
             b = layout.shape[0]
+            state["m"] = mx.zeros(layout.shape, dtype)
             state["Q"] = [mx.ones((b, d), dtype) if diag else mx.eye(d, dtype=dtype)[None] * mx.ones((b, 1, 1), dtype)
                           for d, diag in zip(layout.shape[1:], layout.diag)]
             state["L"] = [mx.zeros((b, 1) if diag else (b, 1, 1), dtype) for diag in layout.diag]
+        return state
+
+    def init(self, parameters: dict):
+        """Group the parameters by preconditioned layout and compute dtype, and give every group
+        its stacked state under ``state["groups"][name]`` (see :func:`group_name`): one row per
+        member (``b`` rows for a batch of ``b`` slices), the members in the order they are first
+        seen. Parameters new to a later call are appended to their groups."""
+        groups = self.state.setdefault("groups", {})
+        for path, parameter in tree_flatten(parameters):
+            name, self._layouts[name], dtype = self._group_of(parameter)
+            members = self._members.setdefault(name, [])
+            if path in members:
+                continue
+            members.append(path)
+            rows = self.init_single(parameter, {})
+            if name in groups and groups[name]["step"].shape[0] >= len(members):
+                continue  # a loaded state that already has this member's rows
+            with _stream_for(dtype):
+                groups[name] = rows if name not in groups else tree_map(
+                    lambda old, new: mx.concatenate([old, new]), groups[name], rows)
+        for name, members in self._members.items():
+            if groups[name]["step"].shape[0] != len(members):
+                raise ValueError(f"the optimizer state's group {name!r} has {groups[name]['step'].shape[0]} "
+                                 f"members, but the parameters give it {len(members)}: {members}")
+        self._initialized = True
+
+    def parameter_state(self, path: str) -> dict:
+        """One parameter's slice of its group's state (``path`` as ``tree_flatten`` names it, e.g.
+        ``"blocks.0.attn.wq.weight"``): ``step`` (0-d), ``m`` (in the preconditioned layout, (b, m, n)
+        or (numel,)), and the lists ``Q`` and ``L`` in the reference's layout: (b, d, d) dense,
+        (b, d) diagonal and (b, 1, 1) / (b, 1) for factored tensors; (numel,) and () otherwise."""
+        for name, members in self._members.items():
+            if path in members:
+                group, i = self.state["groups"][name], members.index(path)
+                break
+        else:
+            raise KeyError(f"no optimizer state for parameter {path!r}")
+        layout = self._layouts[name]
+        if layout.diag:
+            b = layout.shape[0]
+
+            def row(x):
+                return x[i * b:(i + 1) * b]
+            return {"step": group["step"][i], "m": row(group["m"]), "Q": [row(q) for q in group["Q"]],
+                    "L": [row(ell) for ell in group["L"]]}
+        return {"step": group["step"][i], "m": group["m"][i].reshape(layout.shape),
+                "Q": [group["Q"][0][i].reshape(layout.shape)], "L": [group["L"][0][i, 0]]}
 
     def apply_gradients(self, gradients: dict, parameters: dict):
-        """Apply the gradients like :meth:`Optimizer.apply_gradients`, but update all parameters
-        of one layout and dtype together: one batched matmul per group instead of one per
-        tensor, which on the CPU saves most of the per-operation overhead."""
-        if not self._initialized:
+        """Apply the gradients like :meth:`Optimizer.apply_gradients`, but update each group of
+        parameters of one layout and compute dtype together: batched matmuls and one element-wise
+        kernel per group where there would be one per tensor, on the group's stacked state. A
+        group member without a gradient in ``gradients`` is handled as a zero gradient (untouched)."""
+        paths = [path for path, _ in tree_flatten(gradients)]
+        if not self._initialized or any(not self._known(path) for path in paths):
             self.init(gradients)
         for param, scheduler in self._schedulers.items():
             self.state[param] = scheduler(self.step)
@@ -411,137 +496,126 @@ class QUAD(Optimizer):
 
         entries = []
 
-        def collect(gradient, parameter, state):
-            entries.append((gradient, parameter, state))
+        def collect(gradient, parameter):
+            entries.append((gradient, parameter))
             return len(entries) - 1
-        index = tree_map(collect, gradients, parameters, self.state)
-        groups = {}
-        for i, (_, parameter, _) in enumerate(entries):
-            layout = self._layout(parameter.shape)
-            groups.setdefault((layout.shape, layout.diag, parameter.dtype), []).append(i)
+        index = tree_map(collect, gradients, parameters)
+        given = dict(zip(paths, entries))
+        groups = self.state["groups"]
         streams = list(self.streams or [None])
         load = [0] * len(streams)
-        results = [None] * len(entries)
-        work = {key: group_work(key[0], key[1], len(members)) for key, members in groups.items()}
-        for key in sorted(groups, key=lambda key: -work[key]):
+        results = {}
+        work = {name: group_work(groups[name]["m"].shape, len(groups[name]["Q"]) == 2 and
+                                 tuple(q.ndim == 2 for q in groups[name]["Q"]), 1) for name in self._members}
+        for name in sorted(self._members, key=lambda name: -work[name]):
             j = load.index(min(load))  # the least loaded stream takes the next biggest group
-            load[j] += work[key]
-            members = groups[key]
+            load[j] += work[name]
+            members = self._members[name]
+            present = [given.get(path) for path in members]
+            if not any(present):
+                continue
             with mx.stream(streams[j]) if streams[j] is not None else contextlib.nullcontext():
-                for i, new in zip(members, self._update_group([entries[i] for i in members], startup)):
-                    results[i] = new
-        return tree_map(lambda i: results[i], index)
+                new = self._update_group(groups[name], [e and e[0] for e in present],
+                                         [e and e[1] for e in present], startup)
+            results.update((path, p) for path, p in zip(members, new) if p is not None)
+        return tree_map(lambda i: results[paths[i]], index)
+
+    def _known(self, path: str) -> bool:
+        return any(path in members for members in self._members.values())
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        """Performs the QUAD parameter and state update of one parameter (what
-        :meth:`apply_gradients` does for a group of one); the optimizer's step count and
-        startup flag are left to :meth:`apply_gradients`."""
-        return self._update_group([(gradient, parameter, state)], "startup" in self.state)[0]
+        """The QUAD update of one parameter whose state is a group of its own (``init_single``);
+        the optimizer's step count and startup flag are left to the caller."""
+        return self._update_group(state, [gradient], [parameter], "startup" in self.state)[0]
 
-    def _update_group(self, entries, startup: bool) -> List[mx.array]:
-        """Update ``entries`` ``[(gradient, parameter, state)]`` of one layout and dtype as a stack
-        (k, ...); ``startup``: whether to include the startup iterations (first update only)."""
-        parameter = entries[0][1]
-        layout = self._layout(parameter.shape)
-        dtype = compute_dtype(parameter.dtype)
+    def _update_group(self, state: dict, grads: list, params: list, startup: bool) -> list:
+        """Update one group: ``grads``/``params`` hold one entry per member, ``None`` for a member
+        not being updated (as if its gradient were zero); ``startup``: whether to include the
+        startup iterations (first update only). Returns the new parameters (``None`` likewise)."""
+        present = next(p for p in params if p is not None)
+        layout, dtype = self._layout(present.shape), compute_dtype(present.dtype)
         with _stream_for(dtype):
-            return self._update_stack(entries, layout, dtype, startup)
+            return self._update_stack(state, layout, dtype, grads, params, startup)
 
-    def _update_stack(self, entries, layout, dtype, startup):
-        k = len(entries)
-        work = layout.shape if layout.diag else (math.prod(layout.shape),)   # (b, m, n) or (numel,)
+    def _update_stack(self, state, layout, dtype, grads, params, startup):
+        # Factored tensors are stacked along their batch axis, (k * b, m, n); rank <= 1 tensors as
+        # rows, (k, numel). Per-tensor scalars are (k,) vectors, repeated to one entry per slice.
+        k = len(grads)
+        factored = bool(layout.diag)
+        b = layout.shape[0] if factored else 1
+        numel = math.prod(layout.shape)
+        row_shape = layout.shape if factored else (1, numel)
 
-        def reshape(a, shape):  # without a graph node when nothing changes
-            return a if a.shape == tuple(shape) else a.reshape(shape)
+        def rows(g):  # a gradient in its group's layout
+            if g is None:
+                return mx.zeros(row_shape, dtype)
+            g = to_layout(g.astype(dtype), layout)
+            return g if g.shape == row_shape else g.reshape(row_shape)
 
-        def stack(arrays, shape):  # k arrays -> (k, *shape)
-            if k == 1:
-                return arrays[0].reshape((1,) + shape)
-            if not shape:
-                return mx.stack(arrays)
-            # Concatenated along their first axis, then one Reshape (not one ExpandDims per array).
-            return mx.concatenate([reshape(a, shape) for a in arrays]).reshape((k,) + shape)
+        def per_slice(v):  # (k,) -> (k * b,)
+            return v if b == 1 else mx.repeat(v, b)
 
-        def unstack(x):  # (k, ...) -> k arrays, with one Split instead of k Gathers
-            if k == 1:
-                return [x.reshape(x.shape[1:])]
-            if x.ndim == 1:
-                return [y.reshape(()) for y in mx.split(x, k)]
-            # One Reshape, then a Split along the merged first axis (not one Reshape per array).
-            return mx.split(x.reshape((k * x.shape[1],) + x.shape[2:]), k)
+        G = rows(grads[0]) if k == 1 else mx.concatenate([rows(g) for g in grads])
+        M_old, Q_prev, L_prev, steps = state["m"], state["Q"], state["L"], state["step"]
 
-        grads, params, states = zip(*entries)
-        grads = [grad.astype(dtype) for grad in grads]
-        # Per-tensor scalars are computed once on (k,) vectors and handed to the element-wise
-        # kernels below as 0-d arrays: MLX would otherwise fuse the scalar maths into those
-        # kernels and redo it (a sqrt, a division) for every element. ||g||^2 as a BLAS dot
-        # (with a transposed view: a faster BLAS path than a column copy).
-        sq = mx.concatenate([g.reshape(1, -1) @ g.reshape(1, -1).T for g in grads]).reshape(k)
+        # ||g||^2 per tensor as a batched BLAS dot; the other per-tensor values from it, on (k,).
+        flat = G.reshape(k, 1, numel)
+        sq = (flat @ flat.swapaxes(-1, -2)).reshape(k)
         active = sq > 0  # a zero (all-zero) gradient leaves its tensor as it is
-        count = stack([state["step"] for state in states], ())
-        first = count == 0
-        count = count + active.astype(count.dtype)
-        norm = mx.sqrt(sq) + self.eps if self.normalize_grads else mx.ones_like(sq)
-        weight = (1 - self.momentum) * active.astype(dtype)
+        first = steps == 0
+        count = steps + active.astype(steps.dtype)
+        norm = mx.sqrt(sq) + self.eps if self.normalize_grads else None
+        # The first update starts the momentum at g (its state is still zero then); 0 when inactive.
+        weight = mx.where(first, mx.array(1.0, dtype), mx.array(1 - self.momentum, dtype)) * active
+        if norm is not None:
+            G = G / per_tensor(per_slice(norm), G.ndim)
+        M = M_old + per_tensor(per_slice(weight), G.ndim) * (G - M_old)
 
-        momenta = []
-        for g, state, norm_i, first_i, weight_i in zip(grads, states, unstack(norm), unstack(first),
-                                                       unstack(weight)):
-            g = g / norm_i if self.normalize_grads else g
-            m = mx.where(first_i, g, state["m"])          # the first update starts from g
-            momenta.append(m + weight_i * (g - m))          # the old momentum when inactive
         if startup:
-            s = mx.concatenate([initial_scale(m[None], self.normalize_grads) for m in momenta])  # m = g
+            s = initial_scale(M.reshape(k, numel), self.normalize_grads)      # M = g here
         else:
             # Only tensors whose first non-zero gradient comes after the first update are
             # initialised here: from mean(g**2) ** (-1/8), which needs no extra pass over g.
-            mean_sq = sq / (norm * norm) / mx.full((), math.prod(work), dtype)
+            mean_sq = (sq if norm is None else sq / (norm * norm)) / mx.full((), numel, dtype)
             s = mx.where(mean_sq > 0, mx.power(mean_sq, -1 / 8), 1)
-        m = stack([to_layout(m, layout) for m in momenta], work)             # (k, *work)
-        Q_prev = [stack([state["Q"][j] for state in states], work[:1] + q.shape[1:] if layout.diag else work)
-                  for j, q in enumerate(states[0]["Q"])]
-        L_prev = [stack([state["L"][j] for state in states], ell.shape if layout.diag else (1,))
-                  for j, ell in enumerate(states[0]["L"])]
-
-        # First update: the unit placeholders become s * I (s * 1); L is still 0. Balancing
-        # divides the left factor by rho and multiplies the right one: one pass for both.
-        scale = mx.where(first, s, 1)                                                 # (k,)
+        # The factors' pending scales: the initial scale s on a tensor's first update (the stored
+        # factors are unit placeholders until then) and the balancing, which divides the left factor
+        # by rho and multiplies the right one by it.
+        scale = per_slice(mx.where(first & active, s, 1))
         if len(Q_prev) == 2:
-            now = active & (count % self.balance_every == 0)
-            rho = mx.where(now[:, None], balance_ratio(*Q_prev, layout.diag), 1)  # (k, b)
-            left, right = Q_prev
-            Q = [left * per_tensor(scale, left.ndim) / per_tensor(rho, left.ndim),
-                 right * per_tensor(scale[:, None] * rho, right.ndim)]
+            now = per_slice(active & (count % self.balance_every == 0))
+            rho = mx.where(now, balance_ratio(*Q_prev, layout.diag), 1)            # (k * b,)
+            scales = [scale / rho, scale * rho]
         else:
-            Q = [Q_prev[0] * per_tensor(scale, Q_prev[0].ndim)]
-        L = L_prev
+            scales = [scale]
+        gate = per_slice(active)
 
-        fit = (layout.diag, self.preconditioner_lr, self.precond_beta)
-        if startup:  # one select after the extra fits (not one per fit): fewer distinct kernels
-            Q_fit, L_fit = Q, L
+        fit = dict(diag=layout.diag, precond_lr=self.preconditioner_lr, precond_beta=self.precond_beta,
+                   numel=numel)
+        if startup:  # once: apply the scales, then the extra fits of the tensors starting now
+            Q = [q * per_tensor(sigma, q.ndim) for q, sigma in zip(Q_prev, scales)]
+            L = L_prev
             for _ in range(self.startup_iterations - 1):
-                _, Q_fit, L_fit = quad_iteration(Q_fit, L_fit, m, *fit)
-            run = first & active
-            Q = [mx.where(per_tensor(run, new.ndim), new, old) for new, old in zip(Q_fit, Q)]
-            L = [mx.where(per_tensor(run, new.ndim), new, old) for new, old in zip(L_fit, L)]
-        Pg, Q, L = quad_iteration(Q, L, m, *fit)
+                _, Q, L = quad_iteration(Q, L, M, gate=per_slice(first & active), **fit)
+            Pg, Q, L = quad_iteration(Q, L, M, gate=gate, **fit)
+        else:  # each later step: the scales ride on G and on the factor updates, not on a pass over Q
+            squares = mx.square(scales[0] * scales[1] if len(scales) == 2 else scales[0])
+            Pg, Q, L = quad_iteration(Q_prev, L_prev, M * per_tensor(squares, M.ndim),
+                                      scales=scales, gate=gate, **fit)
+        state.update(step=count, m=M, Q=Q, L=L)
 
-        def keep(new, old):
-            return unstack(mx.where(per_tensor(active, new.ndim), new, old))
-        Q, L = [keep(a, b) for a, b in zip(Q, Q_prev)], [keep(a, b) for a, b in zip(L, L_prev)]
         lr = self.learning_rate.astype(dtype)
-        decay = 1 - lr * self.weight_decay
-        step_size = lr * self.update_scale
+        on = active.astype(dtype)
+        # Per-tensor 0-d scalars, which the element-wise kernel reads as scalars (contiguous).
+        decays = [x.reshape(()) for x in mx.split(1 - lr * self.weight_decay * on, k)]  # 1 when inactive
+        step_sizes = [x.reshape(()) for x in mx.split(lr * self.update_scale * on, k)]  # 0 when inactive
+        updates = [Pg] if k == 1 else mx.split(Pg, k)
         results = []
-        for i, (parameter, state, momentum, update, count_i, active_i) in enumerate(
-                zip(params, states, momenta, unstack(Pg), unstack(count), unstack(active))):
-            state["step"] = count_i
-            state["m"] = momentum
-            state["Q"] = [reshape(q[i], old.shape) for q, old in zip(Q, state["Q"])]
-            state["L"] = [reshape(ell[i], old.shape) for ell, old in zip(L, state["L"])]
-            new = parameter.astype(dtype)
-            if self.weight_decay != 0:
-                new = new * decay
-            new = new - step_size * from_layout(reshape(update, layout.shape), layout, parameter.shape)
-            results.append(mx.where(active_i, new.astype(parameter.dtype), parameter))
+        for parameter, update, decay, step_size in zip(params, updates, decays, step_sizes):
+            if parameter is None:
+                results.append(None)
+                continue
+            update = from_layout(update if factored else update.reshape(layout.shape), layout, parameter.shape)
+            new = parameter.astype(dtype) * decay - step_size * update
+            results.append(new.astype(parameter.dtype))
         return results

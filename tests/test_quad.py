@@ -79,7 +79,7 @@ def replay(dtype):
         for n in names:
             snapshots[f"{n}__p{t:03d}"] = np.array(params[n])
             if t in (1, 249, 250, 300):
-                state = optimizer.state[n]
+                state = optimizer.parameter_state(n)
                 for i, (q, ell) in enumerate(zip(state["Q"], state["L"])):
                     snapshots[f"{n}__state{t:03d}__Q{i}"] = np.array(q)
                     snapshots[f"{n}__state{t:03d}__L{i}"] = np.array(ell)
@@ -207,10 +207,10 @@ def test_matches_a_numpy_restatement_with_frequent_balancing(shape):
         params = optimizer.apply_gradients({"w": mx.array(g, dtype=mx.float64)}, params)
         mx.eval(params, optimizer.state)
     np.testing.assert_allclose(np.array(params["w"]), p_ref, rtol=1e-11, atol=1e-13)
-    for q, q_ref, ell, ell_ref in zip(optimizer.state["w"]["Q"], Q_ref, optimizer.state["w"]["L"], L_ref):
+    for q, q_ref, ell, ell_ref in zip(optimizer.parameter_state("w")["Q"], Q_ref, optimizer.parameter_state("w")["L"], L_ref):
         np.testing.assert_allclose(np.array(q)[0], q_ref, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(np.array(ell).ravel(), [ell_ref], rtol=1e-10)
-    assert int(optimizer.state["w"]["step"]) == 30
+    assert int(optimizer.parameter_state("w")["step"]) == 30
 
 
 def test_zero_preconditioner_lr_is_scaled_momentum_sgd():
@@ -399,16 +399,16 @@ def test_shapes_and_dtypes_are_preserved():
             assert (q.shape, q.dtype) == (p.shape, p.dtype), name
             assert np.all(np.isfinite(np.array(q.astype(mx.float32)))), name
         params = new
-    for name, s in tree_flatten({k: optimizer.state[k] for k in params}):
+    for name, s in tree_flatten(optimizer.state["groups"]):
         assert s.dtype == (mx.int32 if name.endswith("step") else mx.float32), name  # fp16/bf16: float32 maths
-    assert optimizer.state["h"]["attn"]["wq"]["m"].dtype == mx.float32
+    assert optimizer.parameter_state("h.attn.wq")["m"].dtype == mx.float32
 
 
 def test_float64_parameters_are_updated_in_float64():
     optimizer = QUAD()
     params = optimizer.apply_gradients({"w": mx.ones((3, 4), mx.float64)}, {"w": mx.zeros((3, 4), mx.float64)})
     assert params["w"].dtype == mx.float64
-    assert all(s.dtype == mx.float64 for name, s in tree_flatten(optimizer.state["w"]) if name != "step")
+    assert all(s.dtype == mx.float64 for name, s in tree_flatten(optimizer.parameter_state("w")) if name != "step")
 
 
 @pytest.mark.parametrize("shape", [(), (3,), (3, 4), (2, 3, 4), (2, 3, 4, 5), (2, 3, 2, 3, 2)])
@@ -424,7 +424,7 @@ def test_every_rank(shape):
     layout = factor_layout(shape, 8192, 1.0, True)
     expected = [layout.shape] if not layout.diag else [
         layout.shape[:1] + ((d,) if diag else (d, d)) for d, diag in zip(layout.shape[1:], layout.diag)]
-    assert [q.shape for q in optimizer.state["w"]["Q"]] == expected
+    assert [q.shape for q in optimizer.parameter_state("w")["Q"]] == expected
     assert all(np.all(np.isfinite(np.array(x))) for _, x in tree_flatten(optimizer.state))
 
 
@@ -438,7 +438,7 @@ def test_precondition_largest_two_dims_off():
             g = {"w": mx.array(rng.standard_normal((16, 4, 8)), dtype=mx.float32)}
             params = optimizer.apply_gradients(g, params)
         assert params["w"].shape == (16, 4, 8) and np.all(np.isfinite(np.array(params["w"])))
-        shapes[flag] = [q.shape for q in optimizer.state["w"]["Q"]]
+        shapes[flag] = [q.shape for q in optimizer.parameter_state("w")["Q"]]
     assert shapes == {True: [(4, 8, 8), (4, 16, 16)], False: [(16, 4, 4), (16, 8, 8)]}
 
 
@@ -456,7 +456,7 @@ def test_groups_of_equal_layout_match_separate_updates():
         p_apart = {k: apart[k].apply_gradients({k: g[k]}, {k: p_apart[k]})[k] for k in params}
     for k in params:
         np.testing.assert_allclose(np.array(p_together[k]), np.array(p_apart[k]), rtol=1e-6, atol=1e-7)
-        assert int(together.state[k]["step"]) == int(apart[k].state[k]["step"])
+        assert int(together.parameter_state(k)["step"]) == int(apart[k].parameter_state(k)["step"])
 
 
 def test_apply_single_is_the_per_parameter_update():
@@ -465,6 +465,7 @@ def test_apply_single_is_the_per_parameter_update():
     grads = [random_grads(small_tree(), rng) for _ in range(4)]
     grouped, single = QUAD(balance_every=2), QUAD(balance_every=2)
     p_grouped = p_single = small_tree()
+    optim.Optimizer.init(single, p_single)  # per-parameter state (init_single): groups of one
     for g in grads:
         p_grouped = grouped.apply_gradients(g, p_grouped)
         p_single = optim.Optimizer.apply_gradients(single, g, p_single)
@@ -505,7 +506,7 @@ def test_zero_gradients_leave_a_tensor_untouched():
               "bias": mx.array(rng.standard_normal(6), dtype=mx.float32)}
     optimizer = QUAD(weight_decay=0.5, momentum=0.0, normalize_grads=True)
     optimizer.init(params)
-    fresh = {k: dict(tree_flatten(v)) for k, v in optimizer.state.items() if k in params}
+    fresh = {k: dict(tree_flatten(optimizer.parameter_state(k))) for k in params}
     zero = {k: mx.zeros_like(v) for k, v in params.items()}
 
     def step(p, live):
@@ -519,20 +520,22 @@ def test_zero_gradients_leave_a_tensor_untouched():
     new = step(params, live={"used"})
     for k in ("unused", "bias"):  # never had a gradient: exactly as before, state still fresh
         assert mx.array_equal(new[k], params[k])
-        assert all(mx.array_equal(a, fresh[k][name]) for name, a in tree_flatten(optimizer.state[k]))
+        assert all(mx.array_equal(a, fresh[k][name]) for name, a in tree_flatten(optimizer.parameter_state(k)))
     assert not mx.array_equal(new["used"], params["used"])
-    before = {"p": new["used"], "state": dict(tree_flatten(optimizer.state["used"]))}
+    before = {"p": new["used"], "state": dict(tree_flatten(optimizer.parameter_state("used")))}
     new = step(new, live={"bias"})  # a zero gradient later: no decay, momentum or count change
     assert mx.array_equal(new["used"], before["p"])
-    assert all(mx.array_equal(a, before["state"][name]) for name, a in tree_flatten(optimizer.state["used"]))
-    assert [int(optimizer.state[k]["step"]) for k in ("used", "unused", "bias")] == [1, 0, 1]
+    assert all(mx.array_equal(a, before["state"][name]) for name, a in tree_flatten(optimizer.parameter_state("used")))
+    assert [int(optimizer.parameter_state(k)["step"]) for k in ("used", "unused", "bias")] == [1, 0, 1]
     for _ in range(3):  # a late first gradient initialises the tensor then
         new = step(new, live={"used", "unused", "bias"})
-    assert [int(optimizer.state[k]["step"]) for k in ("used", "unused", "bias")] == [4, 3, 4]
+    assert [int(optimizer.parameter_state(k)["step"]) for k in ("used", "unused", "bias")] == [4, 3, 4]
     assert not mx.array_equal(new["unused"], params["unused"])
 
 
 def test_minimises_an_ill_conditioned_quadratic_faster_than_sgd():
+    """Steps to reach a fraction of the initial loss (the loss near the optimum oscillates with this
+    lr, so the loss at one fixed step would depend on rounding; the first crossing does not)."""
     rng = np.random.default_rng(1)
     A = np.diag(np.logspace(-1, 0, 8)) @ np.linalg.qr(rng.standard_normal((8, 8)))[0]
     B = np.linalg.qr(rng.standard_normal((6, 6)))[0] @ np.diag(np.logspace(-1, 0, 6))
@@ -542,15 +545,21 @@ def test_minimises_an_ill_conditioned_quadratic_faster_than_sgd():
     def loss(params):
         return 0.5 * mx.sum((A @ (params["w"] - target) @ B) ** 2)
     grad = mx.grad(loss)
-    final = {}
+    initial = loss({"w": mx.zeros((8, 6))}).item()
+    curves = {}
     for name, optimizer in (("sgd", optim.SGD(learning_rate=0.1)),
                             ("momentum", optim.SGD(learning_rate=0.1, momentum=0.9)),
                             ("quad", QUAD(learning_rate=0.1, momentum=0.9, weight_decay=0.0))):
-        params = {"w": mx.zeros((8, 6))}
+        params, curves[name] = {"w": mx.zeros((8, 6))}, []
         for _ in range(200):
             params = optimizer.apply_gradients(grad(params), params)
-        final[name] = loss(params).item() / loss({"w": mx.zeros((8, 6))}).item()
-    assert final["quad"] < 0.1 * final["sgd"] and final["quad"] < 0.5 * final["momentum"], final
+            curves[name].append(loss(params).item() / initial)
+
+    def steps_to(name, fraction):
+        return next((i + 1 for i, value in enumerate(curves[name]) if value < fraction), math.inf)
+    assert steps_to("sgd", 0.1) == math.inf  # plain SGD stays above 10 % for all 200 steps
+    assert steps_to("quad", 0.01) < 0.5 * steps_to("momentum", 0.01), (steps_to("quad", 0.01),
+                                                                     steps_to("momentum", 0.01))
 
 
 def test_updates_a_module():
