@@ -175,26 +175,28 @@ def update_diag_side(q: mx.array, L: mx.array, t: mx.array, target: float, preco
 
 
 def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float, precond_lr: float,
-                      precond_beta: float, scale=1.0, gate=True) -> Tuple[mx.array, mx.array]:
+                      precond_beta: float, scale=1.0, gate=True, eye: Optional[mx.array] = None
+                      ) -> Tuple[mx.array, mx.array]:
     """One step of a dense symmetric factor ``scale * Q`` (..., d, d) towards ``E[T] = target * I``,
     with ``T = Pg Pg^T`` (left) or ``Pg^T Pg`` (right): the two-sided ("quadratic") update
-    ``Q <- E Q E``, ``E = I - a (T - target I)``, ``a = (precond_lr / 2) / L``, as the reference
-    evaluates it: ``Z = Q - a (T Q - target Q)``, ``p = Z - a (Z T - target Z)``, then
-    ``Q <- (p + p^T) / 2`` (here in one element-wise pass over ``Z``, ``Z T`` and their transposes).
-    A congruence, so ``Q`` stays symmetric positive semi-definite for any step size. Where ``gate``
-    is False (and ``scale`` 1) ``Q`` and ``L`` come back exactly as they were (``a = 0``)."""
+    ``Q <- E Q E``, ``E = I - a (T - target I)``, ``a = (precond_lr / 2) / L``, evaluated as
+    ``E = (1 + a target) I - a T``, ``p = (E Q) E``, ``Q <- (p + p^T) / 2`` (the reference's
+    ``p = Q - a (T Q - target Q)``, ``p <- p - a (p T - target p)`` up to rounding, with one
+    element-wise pass over ``T`` instead of two). A congruence, so ``Q`` stays symmetric positive
+    semi-definite for any step size. ``eye``: the identity (d, d), if one is at hand. Where
+    ``gate`` is False (and ``scale`` 1) ``Q`` and ``L`` come back exactly as they were (``E = I``)."""
     gate, scale = leading(gate, L.ndim), leading(scale, Q.ndim)
     L = mx.where(gate, update_lipschitz(L, lower_bound_norm(T) + target, precond_beta), L)
     a = mx.where(gate, (precond_lr / 2) / L, 0)                              # (..., 1, 1)
-    c = 1 + a * target
-    Z = c * Q - a * (T @ Q)
-    Y = Z @ T
-    return (c * (Z + Z.swapaxes(-1, -2)) - a * (Y + Y.swapaxes(-1, -2))) * (scale / 2), L
+    eye = mx.eye(T.shape[-1], dtype=T.dtype) if eye is None else eye
+    E = (1 + a * target) * eye - a * T                                       # one element-wise pass
+    p = (E @ Q) @ E
+    return (p + p.swapaxes(-1, -2)) * (scale / 2), L
 
 
 def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tuple[bool, ...],
                    precond_lr: float, precond_beta: float, scales=(1.0, 1.0), gate=True,
-                   numel: Optional[int] = None):
+                   numel: Optional[int] = None, eyes: Optional[dict] = None):
     """Precondition ``G`` with the current factors, then update every factor from that same
     ``Pg`` (Jacobi style, spec Q6). Returns ``(Pg, Q, L)``. The targets are ``N / d`` with ``N``
     the size of one whole tensor (batch axis included, spec Q1): ``numel``, or that of ``G`` when
@@ -202,7 +204,8 @@ def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tupl
 
     The factors stand for ``scales[side] * Q[side]`` (the first update's initial scale and the
     balancing, applied without a pass over ``Q``): ``G`` must then already carry the product of
-    the squared scales. Where ``gate`` is False the factors and ``L`` are left exactly as they are."""
+    the squared scales. Where ``gate`` is False the factors and ``L`` are left exactly as they are.
+    ``eyes``: identities by size, made ahead (else made in the graph)."""
     Pg = precondition(Q, diag, G)
     if not diag:
         q, ell = update_diag_side(Q[0], L[0], Pg * Pg, mx.full((), 1.0, G.dtype), precond_lr, precond_beta,
@@ -220,7 +223,8 @@ def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tupl
         else:
             PgT = Pg.swapaxes(-1, -2)
             T = Pg @ PgT if side == 0 else PgT @ Pg                          # (..., d, d)
-            q, ell = update_dense_side(q, ell, T, target, precond_lr, precond_beta, scale, gate)
+            q, ell = update_dense_side(q, ell, T, target, precond_lr, precond_beta, scale, gate,
+                                       (eyes or {}).get(T.shape[-1]))
         new_Q.append(q)
         new_L.append(ell)
     return Pg, new_Q, new_L
@@ -405,6 +409,7 @@ class QUAD(Optimizer):
         self.state["startup"] = mx.array(True)
         self._members = {}  # group name -> parameter paths, in the order of the group's rows
         self._layouts = {}  # group name -> Layout
+        self._eyes = {}  # compute dtype -> {d: the identity (d, d), evaluated: a constant of the graph}
 
     def _layout(self, shape) -> Layout:
         return factor_layout(tuple(shape), self.max_size_dense, self.max_skew_dense,
@@ -441,7 +446,14 @@ class QUAD(Optimizer):
         seen. Parameters new to a later call are appended to their groups."""
         groups = self.state.setdefault("groups", {})
         for path, parameter in tree_flatten(parameters):
-            name, self._layouts[name], dtype = self._group_of(parameter)
+            name, layout, dtype = self._group_of(parameter)
+            self._layouts[name] = layout
+            eyes = self._eyes.setdefault(dtype, {})
+            for d, diag in zip(layout.shape[1:], layout.diag):
+                if not diag and d not in eyes:
+                    with _stream_for(dtype):
+                        eyes[d] = mx.eye(d, dtype=dtype)
+                    mx.eval(eyes[d])
             members = self._members.setdefault(name, [])
             if path in members:
                 continue
@@ -591,7 +603,7 @@ class QUAD(Optimizer):
         gate = per_slice(active)
 
         fit = dict(diag=layout.diag, precond_lr=self.preconditioner_lr, precond_beta=self.precond_beta,
-                   numel=numel)
+                   numel=numel, eyes=self._eyes.get(dtype))
         if startup:  # once: apply the scales, then the extra fits of the tensors starting now
             Q = [q * per_tensor(sigma, q.ndim) for q, sigma in zip(Q_prev, scales)]
             L = L_prev
