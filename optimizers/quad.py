@@ -319,12 +319,17 @@ class QUAD(Optimizer):
           update or step count. A tensor whose first non-zero gradient comes after the
           optimizer's first update is initialised then, without the startup iterations and
           with the scale :math:`\operatorname{mean}(\hat g^2)^{-1/8}`.
-        * State per parameter, arrays only (it round-trips through safetensors): ``step``
-          (updates so far), ``m`` (the momentum), ``Q`` and ``L`` (lists: the factors and
-          their Lipschitz estimates, merged to rank 3, permuted and batch-first as in the
-          reference). The layout is recomputed from the parameter's shape.
-        * :meth:`apply_gradients` updates the parameters of one layout and dtype as a stack
-          (batched matmuls, one graph node where there would be one per tensor).
+        * State, arrays only (it round-trips through safetensors): parameters with the same
+          preconditioned layout and compute dtype form a group (:func:`group_name`), updated
+          together with batched matmuls and one element-wise kernel where there would be one
+          per tensor; ``state["groups"][name]`` holds the group's stacked ``step`` (updates so
+          far, per member), ``m`` (the momentum, in the preconditioned layout), ``Q`` and ``L``
+          (lists: the factors and their Lipschitz estimates, merged to rank 3, permuted and
+          batch-first as in the reference), one member after the other in the order
+          :meth:`init` first saw them. :meth:`parameter_state` gives one parameter's slice.
+          Stacked storage saves a copy of every factor per step, which on the CPU is a good
+          part of the optimizer's time. :meth:`init_single` / :meth:`apply_single` are the
+          same update for a parameter with a state of its own (a group of one).
         * Math runs in float32 for float32/float16/bfloat16 parameters and in float64 (on
           the CPU stream) for float64 ones; the result has the parameter's dtype. For float64
           parity pass ``learning_rate`` as a float64 array (a Python float becomes float32).
@@ -458,9 +463,9 @@ class QUAD(Optimizer):
             if path in members:
                 continue
             members.append(path)
-            rows = self.init_single(parameter, {})
             if name in groups and groups[name]["step"].shape[0] >= len(members):
                 continue  # a loaded state that already has this member's rows
+            rows = self.init_single(parameter, {})
             with _stream_for(dtype):
                 groups[name] = rows if name not in groups else tree_map(
                     lambda old, new: mx.concatenate([old, new]), groups[name], rows)
@@ -473,8 +478,9 @@ class QUAD(Optimizer):
     def parameter_state(self, path: str) -> dict:
         """One parameter's slice of its group's state (``path`` as ``tree_flatten`` names it, e.g.
         ``"blocks.0.attn.wq.weight"``): ``step`` (0-d), ``m`` (in the preconditioned layout, (b, m, n)
-        or (numel,)), and the lists ``Q`` and ``L`` in the reference's layout: (b, d, d) dense,
-        (b, d) diagonal and (b, 1, 1) / (b, 1) for factored tensors; (numel,) and () otherwise."""
+        or the parameter's shape for rank <= 1), and the lists ``Q`` and ``L`` in the reference's
+        layout: (b, d, d) dense, (b, d) diagonal and (b, 1, 1) / (b, 1) for factored tensors; the
+        parameter's shape and () otherwise."""
         for name, members in self._members.items():
             if path in members:
                 group, i = self.state["groups"][name], members.index(path)
@@ -517,8 +523,8 @@ class QUAD(Optimizer):
         streams = list(self.streams or [None])
         load = [0] * len(streams)
         results = {}
-        work = {name: group_work(groups[name]["m"].shape, len(groups[name]["Q"]) == 2 and
-                                 tuple(q.ndim == 2 for q in groups[name]["Q"]), 1) for name in self._members}
+        work = {name: group_work(self._layouts[name].shape, self._layouts[name].diag, len(members))
+                for name, members in self._members.items()}
         for name in sorted(self._members, key=lambda name: -work[name]):
             j = load.index(min(load))  # the least loaded stream takes the next biggest group
             load[j] += work[name]

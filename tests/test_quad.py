@@ -459,6 +459,35 @@ def test_groups_of_equal_layout_match_separate_updates():
         assert int(together.parameter_state(k)["step"]) == int(apart[k].parameter_state(k)["step"])
 
 
+def test_a_missing_gradient_is_a_zero_gradient():
+    """Group members without a gradient in the tree are left as they are, like zero gradients."""
+    rng = np.random.default_rng(0)
+    params = {f"w{i}": mx.array(rng.standard_normal((5, 7)), dtype=mx.float32) for i in range(3)}
+    partial, zeros = QUAD(weight_decay=0.2), QUAD(weight_decay=0.2)
+    p_partial, p_zeros = dict(params), dict(params)
+    for t in range(4):
+        g = {k: mx.array(rng.standard_normal((5, 7)), dtype=mx.float32) for k in params}
+        given = {k: v for k, v in g.items() if k != "w1" or t == 3}
+        p_partial = {**p_partial, **partial.apply_gradients(given, {k: p_partial[k] for k in given})}
+        p_zeros = zeros.apply_gradients({k: given.get(k, mx.zeros_like(v)) for k, v in g.items()}, p_zeros)
+        assert t == 3 or mx.array_equal(p_partial["w1"], params["w1"])
+    for k in params:  # (w1 joined the partial optimizer's group last: compare by parameter)
+        expected = dict(tree_flatten((p_zeros[k], zeros.parameter_state(k))))
+        for name, a in tree_flatten((p_partial[k], partial.parameter_state(k))):
+            assert mx.array_equal(a, expected[name]), (k, name)
+
+
+def test_state_of_another_model_is_rejected():
+    optimizer = QUAD()
+    optimizer.init({"a": mx.zeros((4, 4)), "b": mx.zeros((4, 4))})
+    restored = QUAD()
+    restored.state = optimizer.state
+    with pytest.raises(ValueError, match="float32_1x4x4_dense_dense"):
+        restored.init({"a": mx.zeros((4, 4))})
+    with pytest.raises(KeyError, match="'c'"):
+        optimizer.parameter_state("c")
+
+
 def test_apply_single_is_the_per_parameter_update():
     """mlx's own Optimizer.apply_gradients (one apply_single per parameter) gives the same steps."""
     rng = np.random.default_rng(0)
