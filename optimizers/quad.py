@@ -106,12 +106,6 @@ def per_tensor(x: mx.array, ndim: int) -> mx.array:
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
-def leading(x, ndim: int):
-    """A per-slice value (n,) shaped to broadcast against (n, ...) arrays of rank ``ndim``; a Python
-    scalar or bool as it is."""
-    return per_tensor(x, ndim) if isinstance(x, mx.array) else x
-
-
 def initial_scale(g: mx.array, unit_norm: bool = False) -> mx.array:
     """Per tensor ``mean(g**4) ** (-1/16)`` (k,): each of the two factors starts at this multiple
     of the identity, so ``P = s**4 I`` (and ``s**2`` for rank <= 1 tensors, spec Q2). Unless the
@@ -161,17 +155,33 @@ def lower_bound_norm(T: mx.array) -> mx.array:
     return mx.sqrt(mx.sum(mx.square(v @ T), axis=-1, keepdims=True))
 
 
+def lipschitz_step(L: mx.array, ell: mx.array, precond_lr: float, precond_beta: float, gate=True):
+    """On per-slice vectors (n,): the Lipschitz estimate updated by :func:`update_lipschitz` and
+    the step size ``a = (precond_lr / 2) / L``; where ``gate`` is False, ``L`` as it was and
+    ``a = 0``."""
+    L = mx.where(gate, update_lipschitz(L, ell, precond_beta), L)
+    return L, mx.where(gate, (precond_lr / 2) / L, 0)
+
+
+def expand_per_slice(x, batch: Tuple[int, ...], trailing: int):
+    """A per-slice vector (n,) reshaped to ``batch + (1,) * trailing`` (a Python scalar as it is).
+    The reshape also keeps MLX from fusing the scalar maths that made ``x`` (a division, a select)
+    into the element-wise kernel that uses it, where it would be redone for every element."""
+    return x.reshape(batch + (1,) * trailing) if isinstance(x, mx.array) else x
+
+
 def update_diag_side(q: mx.array, L: mx.array, t: mx.array, target: float, precond_lr: float,
                      precond_beta: float, scale=1.0, gate=True) -> Tuple[mx.array, mx.array]:
     """One step of a diagonal factor ``scale * q`` (..., d) towards ``E[t] = target``, where ``t`` are
     the row (left) or column (right) energies of ``Pg``: ``q <- scale * q * gamma**2``,
     ``gamma = 1 - (precond_lr / 2) / L * (t - target)``, with ``L`` (..., 1) from ``max(t) + target``.
-    Where ``gate`` is False (and ``scale`` 1) ``q`` and ``L`` come back exactly as they were."""
-    gate, scale = leading(gate, L.ndim), leading(scale, q.ndim)
-    L = mx.where(gate, update_lipschitz(L, mx.max(t, axis=-1, keepdims=True) + target, precond_beta), L)
-    a = mx.where(gate, (precond_lr / 2) / L, 0)
-    gamma = 1 - a * (t - target)
-    return q * (scale * (gamma * gamma)), L
+    ``scale`` and ``gate`` are per slice (n,) or scalars; where ``gate`` is False (and ``scale``
+    1) ``q`` and ``L`` come back exactly as they were."""
+    batch = t.shape[:-1]
+    ell = mx.max(t, axis=-1).reshape(-1) + target
+    L_new, a = lipschitz_step(L.reshape(-1), ell, precond_lr, precond_beta, gate)
+    gamma = 1 - expand_per_slice(a, batch, 1) * (t - target)
+    return q * (expand_per_slice(scale, batch, 1) * (gamma * gamma)), L_new.reshape(L.shape)
 
 
 def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float, precond_lr: float,
@@ -183,15 +193,16 @@ def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float, prec
     ``E = (1 + a target) I - a T``, ``p = (E Q) E``, ``Q <- (p + p^T) / 2`` (the reference's
     ``p = Q - a (T Q - target Q)``, ``p <- p - a (p T - target p)`` up to rounding, with one
     element-wise pass over ``T`` instead of two). A congruence, so ``Q`` stays symmetric positive
-    semi-definite for any step size. ``eye``: the identity (d, d), if one is at hand. Where
-    ``gate`` is False (and ``scale`` 1) ``Q`` and ``L`` come back exactly as they were (``E = I``)."""
-    gate, scale = leading(gate, L.ndim), leading(scale, Q.ndim)
-    L = mx.where(gate, update_lipschitz(L, lower_bound_norm(T) + target, precond_beta), L)
-    a = mx.where(gate, (precond_lr / 2) / L, 0)                              # (..., 1, 1)
+    semi-definite for any step size. ``eye``: the identity (d, d), if one is at hand. ``scale``
+    and ``gate`` are per slice (n,) or scalars; where ``gate`` is False (and ``scale`` 1) ``Q``
+    and ``L`` come back exactly as they were (``E = I``)."""
+    batch = T.shape[:-2]
+    L_new, a = lipschitz_step(L.reshape(-1), lower_bound_norm(T).reshape(-1) + target, precond_lr,
+                              precond_beta, gate)
     eye = mx.eye(T.shape[-1], dtype=T.dtype) if eye is None else eye
-    E = (1 + a * target) * eye - a * T                                       # one element-wise pass
+    E = expand_per_slice(1 + a * target, batch, 2) * eye - expand_per_slice(a, batch, 2) * T  # one pass
     p = (E @ Q) @ E
-    return (p + p.swapaxes(-1, -2)) * (scale / 2), L
+    return (p + p.swapaxes(-1, -2)) * expand_per_slice(scale / 2, batch, 2), L_new.reshape(L.shape)
 
 
 def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tuple[bool, ...],
@@ -564,7 +575,15 @@ class QUAD(Optimizer):
         numel = math.prod(layout.shape)
         row_shape = layout.shape if factored else (1, numel)
 
-        def rows(g):  # a gradient in its group's layout
+        # Members of one shape that the layout only reshapes (no permutation) are stacked as they
+        # are, along their first axis, and the stack reshaped once: no graph node per tensor.
+        shapes = {tuple(p.shape) for p in params if p is not None}
+        shape = next(iter(shapes))
+        direct = layout.order is None and len(shapes) == 1 and len(shape) >= 1
+
+        def rows(g):  # a gradient in its group's layout, or in its own shape when ``direct``
+            if direct:
+                return mx.zeros(shape, dtype) if g is None else g.astype(dtype)
             if g is None:
                 return mx.zeros(row_shape, dtype)
             g = to_layout(g.astype(dtype), layout)
@@ -573,8 +592,9 @@ class QUAD(Optimizer):
         def per_slice(v):  # (k,) -> (k * b,)
             return v if b == 1 else mx.repeat(v, b)
 
-        G = rows(grads[0]) if k == 1 else mx.concatenate([rows(g) for g in grads])
         M_old, Q_prev, L_prev, steps = state["m"], state["Q"], state["L"], state["step"]
+        G = rows(grads[0]) if k == 1 else mx.concatenate([rows(g) for g in grads])
+        G = G if G.shape == M_old.shape else G.reshape(M_old.shape)
 
         # ||g||^2 per tensor as a batched BLAS dot; the other per-tensor values from it, on (k,).
         flat = G.reshape(k, 1, numel)
@@ -627,13 +647,18 @@ class QUAD(Optimizer):
         # Per-tensor 0-d scalars, which the element-wise kernel reads as scalars (contiguous).
         decays = [x.reshape(()) for x in mx.split(1 - lr * self.weight_decay * on, k)]  # 1 when inactive
         step_sizes = [x.reshape(()) for x in mx.split(lr * self.update_scale * on, k)]  # 0 when inactive
-        updates = [Pg] if k == 1 else mx.split(Pg, k)
+        if direct:
+            updates = Pg.reshape(shape) if k == 1 else Pg.reshape((k * shape[0],) + shape[1:])
+            updates = [updates] if k == 1 else mx.split(updates, k)
+        else:
+            updates = [Pg] if k == 1 else mx.split(Pg, k)
         results = []
         for parameter, update, decay, step_size in zip(params, updates, decays, step_sizes):
             if parameter is None:
                 results.append(None)
                 continue
-            update = from_layout(update if factored else update.reshape(layout.shape), layout, parameter.shape)
+            if not direct:
+                update = from_layout(update if factored else update.reshape(layout.shape), layout, parameter.shape)
             new = parameter.astype(dtype) * decay - step_size * update
             results.append(new.astype(parameter.dtype))
         return results

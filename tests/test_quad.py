@@ -207,10 +207,11 @@ def test_matches_a_numpy_restatement_with_frequent_balancing(shape):
         params = optimizer.apply_gradients({"w": mx.array(g, dtype=mx.float64)}, params)
         mx.eval(params, optimizer.state)
     np.testing.assert_allclose(np.array(params["w"]), p_ref, rtol=1e-11, atol=1e-13)
-    for q, q_ref, ell, ell_ref in zip(optimizer.parameter_state("w")["Q"], Q_ref, optimizer.parameter_state("w")["L"], L_ref):
+    state = optimizer.parameter_state("w")
+    for q, q_ref, ell, ell_ref in zip(state["Q"], Q_ref, state["L"], L_ref):
         np.testing.assert_allclose(np.array(q)[0], q_ref, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(np.array(ell).ravel(), [ell_ref], rtol=1e-10)
-    assert int(optimizer.parameter_state("w")["step"]) == 30
+    assert int(state["step"]) == 30
 
 
 def test_zero_preconditioner_lr_is_scaled_momentum_sgd():
