@@ -122,20 +122,34 @@ def initial_scale(g: mx.array, unit_norm: bool = False) -> mx.array:
     return s if unit_norm else s * mx.power(amax, -1 / 4)
 
 
-def precondition(Q: List[mx.array], diag: Tuple[bool, ...], G: mx.array) -> mx.array:
-    """``Pg = P_l G P_r`` with ``P = Q Q^T`` (dense; ``Q`` is symmetric) or ``diag(q * q)``,
-    evaluated left to right; ``Pg = q * q * G`` for rank <= 1 tensors."""
+def precondition(Q: List[mx.array], diag: Tuple[bool, ...], G: mx.array, scale=None) -> mx.array:
+    """``Pg = scale * P_l G P_r`` with ``P = Q Q^T`` (dense; ``Q`` is symmetric) or ``diag(q * q)``,
+    evaluated left to right; ``Pg = scale * q * q * G`` for rank <= 1 tensors. ``scale`` (per slice,
+    (n,), or None) multiplies the smallest operand: a diagonal factor if there is one, else ``P_l``."""
     if not diag:
-        return Q[0] * Q[0] * G
+        q2 = Q[0] * Q[0]
+        return (q2 if scale is None else q2 * expand_per_slice(scale, G.shape[:-1], 1)) * G
     left, right = Q
-    Pg = (left * left)[..., :, None] * G if diag[0] else (left @ left) @ G
-    return Pg * (right * right)[..., None, :] if diag[1] else Pg @ (right @ right)
+    batch = G.shape[:-2]
+    on_right = scale is not None and diag[1] and not diag[0]
+    on_left = scale is not None and not on_right
+    if diag[0]:
+        p = left * left
+        Pg = (p * expand_per_slice(scale, batch, 1) if on_left else p)[..., :, None] * G
+    else:
+        p = left @ left
+        Pg = (p * expand_per_slice(scale, batch, 2) if on_left else p) @ G
+    if diag[1]:
+        p = right * right
+        return Pg * (p * expand_per_slice(scale, batch, 1) if on_right else p)[..., None, :]
+    return Pg @ (right @ right)
 
 
-def row_energies(x: mx.array) -> mx.array:
+def row_energies(x: mx.array, ones: Optional[mx.array] = None) -> mx.array:
     """``sum(x**2, axis=-1, keepdims=True)`` as a matrix-vector product: MLX's CPU reduction along
-    the contiguous last axis is several times slower than BLAS."""
-    return (x * x) @ mx.ones((x.shape[-1], 1), x.dtype)
+    the contiguous last axis is several times slower than BLAS. ``ones``: the (d, 1) vector of ones,
+    if one is at hand."""
+    return (x * x) @ (mx.ones((x.shape[-1], 1), x.dtype) if ones is None else ones)
 
 
 def update_lipschitz(L: mx.array, ell: mx.array, beta: float) -> mx.array:
@@ -143,12 +157,12 @@ def update_lipschitz(L: mx.array, ell: mx.array, beta: float) -> mx.array:
     return mx.maximum(beta * L + (1 - beta) * ell, ell)
 
 
-def lower_bound_norm(T: mx.array) -> mx.array:
+def lower_bound_norm(T: mx.array, ones: Optional[mx.array] = None) -> mx.array:
     """A lower bound on the spectral norm of each symmetric PSD matrix ``T`` (..., d, d): one
     power-iteration step from the row of largest norm (the first one on ties), ``||T v||`` with
     ``v = T[i*] / ||T[i*]||``. Returns (..., 1, 1); 0 for an all-zero ``T`` (the reference
     divides 0 by 0 there, spec Q3)."""
-    r = row_energies(T)                                                      # (..., d, 1)
+    r = row_energies(T, ones)                                                # (..., d, 1)
     i = mx.argmax(r, axis=-2, keepdims=True)                                 # (..., 1, 1)
     r_max = mx.take_along_axis(r, i, axis=-2)
     v = mx.take_along_axis(T, i, axis=-2) / mx.sqrt(mx.where(r_max > 0, r_max, 1))  # (..., 1, d)
@@ -185,19 +199,20 @@ def update_diag_side(q: mx.array, L: mx.array, t: mx.array, target: float, preco
 
 
 def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float, precond_lr: float,
-                      precond_beta: float, scale=1.0, gate=True, eye: Optional[mx.array] = None
-                      ) -> Tuple[mx.array, mx.array]:
+                      precond_beta: float, scale=1.0, gate=True, eye: Optional[mx.array] = None,
+                      ones: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
     """One step of a dense symmetric factor ``scale * Q`` (..., d, d) towards ``E[T] = target * I``,
     with ``T = Pg Pg^T`` (left) or ``Pg^T Pg`` (right): the two-sided ("quadratic") update
     ``Q <- E Q E``, ``E = I - a (T - target I)``, ``a = (precond_lr / 2) / L``, evaluated as
     ``E = (1 + a target) I - a T``, ``p = (E Q) E``, ``Q <- (p + p^T) / 2`` (the reference's
     ``p = Q - a (T Q - target Q)``, ``p <- p - a (p T - target p)`` up to rounding, with one
     element-wise pass over ``T`` instead of two). A congruence, so ``Q`` stays symmetric positive
-    semi-definite for any step size. ``eye``: the identity (d, d), if one is at hand. ``scale``
+    semi-definite for any step size. ``eye`` / ``ones``: the identity (d, d) and the vector of ones
+    (d, 1), if they are at hand. ``scale``
     and ``gate`` are per slice (n,) or scalars; where ``gate`` is False (and ``scale`` 1) ``Q``
     and ``L`` come back exactly as they were (``E = I``)."""
     batch = T.shape[:-2]
-    L_new, a = lipschitz_step(L.reshape(-1), lower_bound_norm(T).reshape(-1) + target, precond_lr,
+    L_new, a = lipschitz_step(L.reshape(-1), lower_bound_norm(T, ones).reshape(-1) + target, precond_lr,
                               precond_beta, gate)
     eye = mx.eye(T.shape[-1], dtype=T.dtype) if eye is None else eye
     E = expand_per_slice(1 + a * target, batch, 2) * eye - expand_per_slice(a, batch, 2) * T  # one pass
@@ -207,17 +222,19 @@ def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float, prec
 
 def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tuple[bool, ...],
                    precond_lr: float, precond_beta: float, scales=(1.0, 1.0), gate=True,
-                   numel: Optional[int] = None, eyes: Optional[dict] = None):
+                   numel: Optional[int] = None, constants: Optional[dict] = None, scale_pg=None):
     """Precondition ``G`` with the current factors, then update every factor from that same
     ``Pg`` (Jacobi style, spec Q6). Returns ``(Pg, Q, L)``. The targets are ``N / d`` with ``N``
     the size of one whole tensor (batch axis included, spec Q1): ``numel``, or that of ``G`` when
     ``G`` is one tensor (b, m, n); 1 for rank <= 1 tensors.
 
     The factors stand for ``scales[side] * Q[side]`` (the first update's initial scale and the
-    balancing, applied without a pass over ``Q``): ``G`` must then already carry the product of
-    the squared scales. Where ``gate`` is False the factors and ``L`` are left exactly as they are.
-    ``eyes``: identities by size, made ahead (else made in the graph)."""
-    Pg = precondition(Q, diag, G)
+    balancing, applied without a pass over ``Q``): ``scale_pg``, the per-slice product of the
+    squared scales, must then be given (it multiplies ``Pg``, see :func:`precondition`). Where
+    ``gate`` is False the factors and ``L`` are left exactly as they are. ``constants``: identities
+    ``("eye", d)`` and vectors of ones ``("ones", d)`` made ahead (else made in the graph)."""
+    constants = constants or {}
+    Pg = precondition(Q, diag, G, scale_pg)
     if not diag:
         q, ell = update_diag_side(Q[0], L[0], Pg * Pg, mx.full((), 1.0, G.dtype), precond_lr, precond_beta,
                                   scales[0], gate)
@@ -229,16 +246,23 @@ def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tupl
         # compiled kernels, so every layout would need its own (JIT-compiled) kernels.
         target = mx.full((), numel / G.shape[side - 2], G.dtype)
         if is_diag:
-            t = row_energies(Pg)[..., 0] if side == 0 else mx.sum(Pg * Pg, axis=-2)  # (..., d)
+            t = row_energies(Pg, constants.get(("ones", Pg.shape[-1])))[..., 0] if side == 0 \
+                else mx.sum(Pg * Pg, axis=-2)                                 # (..., d)
             q, ell = update_diag_side(q, ell, t, target, precond_lr, precond_beta, scale, gate)
         else:
             PgT = Pg.swapaxes(-1, -2)
             T = Pg @ PgT if side == 0 else PgT @ Pg                          # (..., d, d)
             q, ell = update_dense_side(q, ell, T, target, precond_lr, precond_beta, scale, gate,
-                                       (eyes or {}).get(T.shape[-1]))
+                                       constants.get(("eye", T.shape[-1])), constants.get(("ones", T.shape[-1])))
         new_Q.append(q)
         new_L.append(ell)
     return Pg, new_Q, new_L
+
+
+def diagonal(q: mx.array) -> mx.array:
+    """The diagonals (..., d) of matrices (..., d, d), as a strided view of the flattened matrices."""
+    d = q.shape[-1]
+    return q.reshape(q.shape[:-2] + (d * d,))[..., ::d + 1]
 
 
 def balance_ratio(left: mx.array, right: mx.array, diag: Tuple[bool, bool]) -> mx.array:
@@ -247,7 +271,7 @@ def balance_ratio(left: mx.array, right: mx.array, diag: Tuple[bool, bool]) -> m
     A dense factor is symmetric positive semi-definite (``s I``, then congruences ``E Q E``), so
     its largest entry lies on the diagonal: only those ``d`` entries are read."""
     def max_abs(q, is_diag):
-        return mx.max(mx.abs(q if is_diag else mx.diagonal(q, axis1=-2, axis2=-1)), axis=-1)
+        return mx.max(mx.abs(q if is_diag else diagonal(q)), axis=-1)
     return mx.sqrt(max_abs(left, diag[0]) / max_abs(right, diag[1]))
 
 
@@ -425,7 +449,9 @@ class QUAD(Optimizer):
         self.state["startup"] = mx.array(True)
         self._members = {}  # group name -> parameter paths, in the order of the group's rows
         self._layouts = {}  # group name -> Layout
-        self._eyes = {}  # compute dtype -> {d: the identity (d, d), evaluated: a constant of the graph}
+        # compute dtype -> {("eye", d): the identity, ("ones", d): a (d, 1) vector of ones}, evaluated:
+        # constants of the compiled graph rather than nodes made anew every step.
+        self._constants = {}
 
     def _layout(self, shape) -> Layout:
         return factor_layout(tuple(shape), self.max_size_dense, self.max_skew_dense,
@@ -464,12 +490,12 @@ class QUAD(Optimizer):
         for path, parameter in tree_flatten(parameters):
             name, layout, dtype = self._group_of(parameter)
             self._layouts[name] = layout
-            eyes = self._eyes.setdefault(dtype, {})
-            for d, diag in zip(layout.shape[1:], layout.diag):
-                if not diag and d not in eyes:
+            constants = self._constants.setdefault(dtype, {})
+            for d in layout.shape[1:]:
+                if ("eye", d) not in constants:
                     with _stream_for(dtype):
-                        eyes[d] = mx.eye(d, dtype=dtype)
-                    mx.eval(eyes[d])
+                        constants["eye", d], constants["ones", d] = mx.eye(d, dtype=dtype), mx.ones((d, 1), dtype)
+                    mx.eval(constants["eye", d], constants["ones", d])
             members = self._members.setdefault(name, [])
             if path in members:
                 continue
@@ -629,17 +655,16 @@ class QUAD(Optimizer):
         gate = per_slice(active)
 
         fit = dict(diag=layout.diag, precond_lr=self.preconditioner_lr, precond_beta=self.precond_beta,
-                   numel=numel, eyes=self._eyes.get(dtype))
+                   numel=numel, constants=self._constants.get(dtype))
         if startup:  # once: apply the scales, then the extra fits of the tensors starting now
             Q = [q * per_tensor(sigma, q.ndim) for q, sigma in zip(Q_prev, scales)]
             L = L_prev
             for _ in range(self.startup_iterations - 1):
                 _, Q, L = quad_iteration(Q, L, M, gate=per_slice(first & active), **fit)
             Pg, Q, L = quad_iteration(Q, L, M, gate=gate, **fit)
-        else:  # each later step: the scales ride on G and on the factor updates, not on a pass over Q
+        else:  # each later step: the scales ride on Pg and on the factor updates, not on a pass over Q
             squares = mx.square(scales[0] * scales[1] if len(scales) == 2 else scales[0])
-            Pg, Q, L = quad_iteration(Q_prev, L_prev, M * per_tensor(squares, M.ndim),
-                                      scales=scales, gate=gate, **fit)
+            Pg, Q, L = quad_iteration(Q_prev, L_prev, M, scales=scales, gate=gate, scale_pg=squares, **fit)
         state.update(step=count, m=M, Q=Q, L=L)
 
         lr = self.learning_rate.astype(dtype)
