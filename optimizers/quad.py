@@ -353,7 +353,8 @@ class QUAD(Optimizer):
           underflow) is left untouched that step: no initialisation, momentum, weight decay,
           update or step count. A tensor whose first non-zero gradient comes after the
           optimizer's first update is initialised then, without the startup iterations and
-          with the scale :math:`\operatorname{mean}(\hat g^2)^{-1/8}`.
+          with the scale :math:`\operatorname{mean}(\hat g^2)^{-1/8}`. A parameter missing
+          from the gradient tree is handled like one with a zero gradient.
         * State, arrays only (it round-trips through safetensors): parameters with the same
           preconditioned layout and compute dtype form a group (:func:`group_name`), updated
           together with batched matmuls and one element-wise kernel where there would be one
@@ -361,7 +362,8 @@ class QUAD(Optimizer):
           far, per member), ``m`` (the momentum, in the preconditioned layout), ``Q`` and ``L``
           (lists: the factors and their Lipschitz estimates, merged to rank 3, permuted and
           batch-first as in the reference), one member after the other in the order
-          :meth:`init` first saw them. :meth:`parameter_state` gives one parameter's slice.
+          :meth:`init` first saw them (a loaded state needs the same parameter tree; :meth:`init`
+          raises if a group's size differs). :meth:`parameter_state` gives one parameter's slice.
           Stacked storage saves a copy of every factor per step, which on the CPU is a good
           part of the optimizer's time. :meth:`init_single` / :meth:`apply_single` are the
           same update for a parameter with a state of its own (a group of one).
