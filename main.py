@@ -321,10 +321,11 @@ class Trainer:
 
     def evaluate(self, x, y):
         """Summed loss and correct count over ``(x, y)`` (lazy): each part of the rows (see ``parts``) in
-        chunks of at most ``EVAL_CHUNK`` rows on its own stream. Prefixes shared by many rows (``a op``
-        of ``a op b =``) are computed once each (``Transformer.logits_after``)."""
+        chunks of at most ``EVAL_CHUNK`` rows on its own stream. On the Linux CPU path, prefixes shared by
+        many rows (``a op`` of ``a op b =``) are computed once each (``Transformer.logits_after``)."""
         if self._prefix_plan[0] is not x:  # planned once per evaluation set, not once per epoch
-            plan = shared_prefixes(np.asarray(x))
+            # A Linux CPU path like the streams (on MLX's CUDA backend it can fail in CUDA graph capture).
+            plan = shared_prefixes(np.asarray(x)) if self.streams else None
             if plan is not None:
                 plan = (plan[0], mx.array(plan[1]), mx.array(plan[2]))
             self._prefix_plan = (x, plan)

@@ -419,7 +419,9 @@ class QUAD(Optimizer):
         eps: float = 1e-6,
         streams: Optional[Sequence[mx.Stream]] = None,
     ):
-        if not callable(learning_rate) and not learning_rate >= 0:
+        # Compared as a Python float: a float64 array would be compared on the default device, which
+        # may be a GPU (no float64 there).
+        if not callable(learning_rate) and not float(learning_rate) >= 0:
             raise ValueError(f"learning_rate={learning_rate} must be >= 0")
         for name, value in (("momentum", momentum), ("precond_beta", precond_beta)):
             if not 0 <= value < 1:

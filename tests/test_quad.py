@@ -22,6 +22,14 @@ from optimizers.quad import (QUAD, balance_ratio, factor_layout, lower_bound_nor
                              permutation, update_dense_side)
 
 REFERENCE = np.load(Path(__file__).parent / "data" / "quad_reference.npz")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cpu_stream():
+    """Every test here on the CPU stream: most use float64 (as the parity data needs), which MLX has on
+    the CPU only, and a machine whose default device is a GPU would otherwise refuse them."""
+    with mx.stream(mx.cpu):
+        yield
 TOLERANCES = json.loads(str(REFERENCE["tolerances_json"]))
 GROKKING = dict(momentum=0.9, weight_decay=0.3, preconditioner_lr=1.0, max_size_dense=float("inf"),
                 max_skew_dense=1.0, precondition_largest_two_dims=True, normalize_grads=True)

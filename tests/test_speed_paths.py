@@ -24,6 +24,14 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.fixture(autouse=True, scope="module")
+def cpu_stream():
+    """These are the Linux CPU backend's paths: test them on the CPU, also on a machine whose default
+    device is a GPU (where the trainer does not take them)."""
+    with mx.stream(mx.cpu):
+        yield
+
+
 @pytest.fixture
 def reference_kernels(monkeypatch):
     """Run the model with ``nn.silu`` and ``nn.Dropout``'s arithmetic, as on macOS."""
