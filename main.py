@@ -324,7 +324,8 @@ class Trainer:
         chunks of at most ``EVAL_CHUNK`` rows on its own stream. On the Linux CPU path, prefixes shared by
         many rows (``a op`` of ``a op b =``) are computed once each (``Transformer.logits_after``)."""
         if self._prefix_plan[0] is not x:  # planned once per evaluation set, not once per epoch
-            # A Linux CPU path like the streams (on MLX's CUDA backend it can fail in CUDA graph capture).
+            # Part of the Linux CPU path, like the streams; elsewhere the plain evaluation is fast enough
+            # (and on MLX CUDA 0.32.4 this path hit a CUDA-graph error with a small model).
             plan = shared_prefixes(np.asarray(x)) if self.streams else None
             if plan is not None:
                 plan = (plan[0], mx.array(plan[1]), mx.array(plan[2]))
