@@ -10,6 +10,7 @@ The maths lives in pure functions (``merge_dims_to_three``, ``permutation``, ``p
 """
 import contextlib
 import math
+import zlib
 from functools import lru_cache
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -300,6 +301,11 @@ def group_name(layout: Layout, dtype: mx.Dtype) -> str:
     return f"{str(dtype).split('.')[-1]}_{shape}_{kinds}"
 
 
+def member_id(path: str) -> int:
+    """A parameter's id in its group's state: the CRC-32 of its path (what a saved state keeps of it)."""
+    return zlib.crc32(path.encode())
+
+
 def _stream_for(dtype: mx.Dtype):
     # float64 exists on the CPU stream only.
     return mx.stream(mx.cpu) if dtype == mx.float64 else contextlib.nullcontext()
@@ -488,32 +494,42 @@ class QUAD(Optimizer):
     def init(self, parameters: dict):
         """Group the parameters by preconditioned layout and compute dtype, and give every group
         its stacked state under ``state["groups"][name]`` (see :func:`group_name`): one row per
-        member (``b`` rows for a batch of ``b`` slices), the members in the order they are first
-        seen. Parameters new to a later call are appended to their groups."""
+        member in ``step`` and ``member`` (the CRC-32 of the member's path, so that a saved state
+        knows its rows), ``b`` rows in the others for a batch of ``b`` slices. Parameters new to a
+        later call are appended to their groups. Call it again, outside ``mx.compile``, after
+        replacing ``state`` (loading one): the rows are matched to the parameters by path."""
         groups = self.state.setdefault("groups", {})
-        for path, parameter in tree_flatten(parameters):
+        flat = tree_flatten(parameters)
+        by_id = {member_id(path): path for path, _ in flat}
+        if len(by_id) != len(flat):
+            raise ValueError("two parameter paths share a CRC-32; rename one")
+        # Each stored group's members in row order, from its ids; rows of parameters this tree does
+        # not have stay unnamed (None) until a later call names them.
+        named = {member_id(path): path for members in self._members.values() for path in members if path}
+        self._members = {name: [by_id.get(i, named.get(i)) for i in group["member"].tolist()]
+                         for name, group in groups.items()}
+        group_of = {path: name for name, members in self._members.items() for path in members if path}
+        for path, parameter in flat:
             name, layout, dtype = self._group_of(parameter)
-            self._layouts[name] = layout
+            self._layouts[name] = (layout, dtype)
             constants = self._constants.setdefault(dtype, {})
             for d in layout.shape[1:]:
                 if ("eye", d) not in constants:
                     with _stream_for(dtype):
                         constants["eye", d], constants["ones", d] = mx.eye(d, dtype=dtype), mx.ones((d, 1), dtype)
                     mx.eval(constants["eye", d], constants["ones", d])
-            members = self._members.setdefault(name, [])
-            if path in members:
+            if path in group_of:
+                if group_of[path] != name:
+                    raise ValueError(f"parameter {path!r} has state in group {group_of[path]!r}, but its shape "
+                                     f"{tuple(parameter.shape)} and dtype {parameter.dtype} give group {name!r}")
                 continue
-            members.append(path)
-            if name in groups and groups[name]["step"].shape[0] >= len(members):
-                continue  # a loaded state that already has this member's rows
             rows = self.init_single(parameter, {})
+            rows["member"] = mx.array([member_id(path)], mx.uint32)
             with _stream_for(dtype):
                 groups[name] = rows if name not in groups else tree_map(
                     lambda old, new: mx.concatenate([old, new]), groups[name], rows)
-        for name, members in self._members.items():
-            if groups[name]["step"].shape[0] != len(members):
-                raise ValueError(f"the optimizer state's group {name!r} has {groups[name]['step'].shape[0]} "
-                                 f"members, but the parameters give it {len(members)}: {members}")
+            self._members.setdefault(name, []).append(path)
+            group_of[path] = name
         self._initialized = True
 
     def parameter_state(self, path: str) -> dict:
@@ -528,7 +544,7 @@ class QUAD(Optimizer):
                 break
         else:
             raise KeyError(f"no optimizer state for parameter {path!r}")
-        layout = self._layouts[name]
+        layout = self._layouts[name][0]
         if layout.diag:
             b = layout.shape[0]
 
@@ -561,40 +577,38 @@ class QUAD(Optimizer):
         index = tree_map(collect, gradients, parameters)
         given = dict(zip(paths, entries))
         groups = self.state["groups"]
+        updated = {name: [given.get(path) for path in members] for name, members in self._members.items()}
+        updated = {name: present for name, present in updated.items() if any(present)}
+        work = {name: group_work(self._layouts[name][0].shape, self._layouts[name][0].diag, len(present))
+                for name, present in updated.items()}
         streams = list(self.streams or [None])
         load = [0] * len(streams)
         results = {}
-        work = {name: group_work(self._layouts[name].shape, self._layouts[name].diag, len(members))
-                for name, members in self._members.items()}
-        for name in sorted(self._members, key=lambda name: -work[name]):
+        for name in sorted(updated, key=lambda name: -work[name]):
             j = load.index(min(load))  # the least loaded stream takes the next biggest group
             load[j] += work[name]
-            members = self._members[name]
-            present = [given.get(path) for path in members]
-            if not any(present):
-                continue
-            with mx.stream(streams[j]) if streams[j] is not None else contextlib.nullcontext():
-                new = self._update_group(groups[name], [e and e[0] for e in present],
+            present = updated[name]
+            layout, dtype = self._layouts[name]
+            with mx.stream(streams[j]) if streams[j] is not None else contextlib.nullcontext(), \
+                    _stream_for(dtype):
+                new = self._update_stack(groups[name], layout, dtype, [e and e[0] for e in present],
                                          [e and e[1] for e in present], startup)
-            results.update((path, p) for path, p in zip(members, new) if p is not None)
+            results.update((path, p) for path, p in zip(self._members[name], new) if p is not None)
         return tree_map(lambda i: results[paths[i]], index)
 
     def _known(self, path: str) -> bool:
         return any(path in members for members in self._members.values())
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
-        """The QUAD update of one parameter whose state is a group of its own (``init_single``);
-        the optimizer's step count and startup flag are left to the caller."""
-        return self._update_group(state, [gradient], [parameter], "startup" in self.state)[0]
-
-    def _update_group(self, state: dict, grads: list, params: list, startup: bool) -> list:
-        """Update one group: ``grads``/``params`` hold one entry per member, ``None`` for a member
-        not being updated (as if its gradient were zero); ``startup``: whether to include the
-        startup iterations (first update only). Returns the new parameters (``None`` likewise)."""
-        present = next(p for p in params if p is not None)
-        layout, dtype = self._layout(present.shape), compute_dtype(present.dtype)
+        """The QUAD update of one parameter whose state is a group of its own (``init_single``).
+        The optimizer's step count and startup flag are left to the caller: under mlx's own
+        ``Optimizer.apply_gradients``, which never clears the flag, every update is traced with the
+        startup fits (which only run on a tensor's first update), and a tensor first updated after
+        the optimizer's first step gets the startup fits and scale there, unlike in
+        :meth:`apply_gradients`."""
+        layout, dtype = self._layout(parameter.shape), compute_dtype(parameter.dtype)
         with _stream_for(dtype):
-            return self._update_stack(state, layout, dtype, grads, params, startup)
+            return self._update_stack(state, layout, dtype, [gradient], [parameter], "startup" in self.state)[0]
 
     def _update_stack(self, state, layout, dtype, grads, params, startup):
         # Factored tensors are stacked along their batch axis, (k * b, m, n); rank <= 1 tensors as

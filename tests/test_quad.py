@@ -22,6 +22,9 @@ from optimizers.quad import (QUAD, balance_ratio, factor_layout, lower_bound_nor
                              permutation, update_dense_side)
 
 REFERENCE = np.load(Path(__file__).parent / "data" / "quad_reference.npz")
+TOLERANCES = json.loads(str(REFERENCE["tolerances_json"]))
+GROKKING = dict(momentum=0.9, weight_decay=0.3, preconditioner_lr=1.0, max_size_dense=float("inf"),
+                max_skew_dense=1.0, precondition_largest_two_dims=True, normalize_grads=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,9 +33,7 @@ def cpu_stream():
     the CPU only, and a machine whose default device is a GPU would otherwise refuse them."""
     with mx.stream(mx.cpu):
         yield
-TOLERANCES = json.loads(str(REFERENCE["tolerances_json"]))
-GROKKING = dict(momentum=0.9, weight_decay=0.3, preconditioner_lr=1.0, max_size_dense=float("inf"),
-                max_skew_dense=1.0, precondition_largest_two_dims=True, normalize_grads=True)
+
 
 # ---- the reference's gradient recipe (NumPy Generator streams, bit-exact) -------------------------
 BASE_SEED = 20250625
@@ -409,7 +410,8 @@ def test_shapes_and_dtypes_are_preserved():
             assert np.all(np.isfinite(np.array(q.astype(mx.float32)))), name
         params = new
     for name, s in tree_flatten(optimizer.state["groups"]):
-        assert s.dtype == (mx.int32 if name.endswith("step") else mx.float32), name  # fp16/bf16: float32 maths
+        expected = {"step": mx.int32, "member": mx.uint32}.get(name.split(".")[-1], mx.float32)
+        assert s.dtype == expected, name  # fp16/bf16: float32 maths
     assert optimizer.parameter_state("h.attn.wq")["m"].dtype == mx.float32
 
 
@@ -486,13 +488,32 @@ def test_a_missing_gradient_is_a_zero_gradient():
             assert mx.array_equal(a, expected[name]), (k, name)
 
 
-def test_state_of_another_model_is_rejected():
+def test_a_loaded_state_is_matched_to_the_parameters_by_path(tmp_path):
+    """Rows are found by path, whatever order the groups were first built in; a parameter whose shape
+    now puts it in another group is an error naming it; replacing the state needs no fresh optimizer."""
+    rng = np.random.default_rng(0)
+    params = {"a": mx.array(rng.standard_normal((4, 4)), dtype=mx.float32),
+              "b": mx.array(rng.standard_normal((4, 4)), dtype=mx.float32)}
     optimizer = QUAD()
-    optimizer.init({"a": mx.zeros((4, 4)), "b": mx.zeros((4, 4))})
+    optimizer.apply_gradients({"b": mx.ones((4, 4))}, {"b": params["b"]})  # b's row first
+    optimizer.apply_gradients({k: mx.array(rng.standard_normal((4, 4)), dtype=mx.float32) for k in params}, params)
+    mx.eval(optimizer.state)
+    path = str(tmp_path / "state.safetensors")
+    mx.save_safetensors(path, dict(tree_flatten(optimizer.state)))
     restored = QUAD()
-    restored.state = optimizer.state
-    with pytest.raises(ValueError, match="float32_1x4x4_dense_dense"):
-        restored.init({"a": mx.zeros((4, 4))})
+    restored.state = tree_unflatten(list(mx.load(path).items()))
+    restored.init(params)  # a first, as the tree lists them
+    for k in params:
+        for name, a in tree_flatten(optimizer.parameter_state(k)):
+            assert mx.array_equal(a, dict(tree_flatten(restored.parameter_state(k)))[name]), (k, name)
+    assert [int(restored.parameter_state(k)["step"]) for k in ("a", "b")] == [1, 2]
+    restored.state = QUAD().state  # replaced by a fresh state: the groups are built again
+    restored.init(params)
+    assert [int(restored.parameter_state(k)["step"]) for k in ("a", "b")] == [0, 0]
+    moved = QUAD()
+    moved.state = tree_unflatten(list(mx.load(path).items()))
+    with pytest.raises(ValueError, match="'a' has state in group 'float32_1x4x4_dense_dense'"):
+        moved.init({"a": mx.zeros((4, 5)), "b": params["b"]})
     with pytest.raises(KeyError, match="'c'"):
         optimizer.parameter_state("c")
 
