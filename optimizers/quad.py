@@ -4,9 +4,11 @@ A port of ``quad.py`` from evanatyourservice/mlx-grokking (PyTorch, commit 36a93
 restatement in its spec; the quirks of that reference are kept so that trajectories match it
 (float64: relative error <= 1e-10 of the distance travelled on the grokking shapes).
 
-The maths lives in pure functions (``merge_dims_to_three``, ``permutation``, ``precondition``,
-``update_dense_side``, ``update_diag_side``, ``lower_bound_norm``, ``balance_ratio``,
-``quad_iteration``); :class:`QUAD` only wires them to the optimizer state.
+The preconditioner's maths lives in pure functions (the layout: ``merge_dims_to_three``,
+``permutation``, ``factor_layout``; the fit: ``initial_scale``, ``precondition``,
+``lower_bound_norm``, ``update_dense_side``, ``update_diag_side``, ``quad_iteration``,
+``balance_ratio``); :class:`QUAD` adds the momentum, the zero-gradient gating and weight decay, and
+keeps the state of each group of parameters of one layout stacked.
 """
 import contextlib
 import math
@@ -67,7 +69,7 @@ def factor_layout(shape: Tuple[int, ...], max_size_dense: float, max_skew_dense:
                   precondition_largest_two_dims: bool) -> Layout:
     """Merge, permute and choose dense or diagonal factors for a parameter of ``shape``.
 
-    A side of size ``d`` of the merged ``(b, m, n)`` gets a diagonal factor iff
+    A side of size ``d`` of the merged and permuted ``(b, m, n)`` gets a diagonal factor iff
     ``d > max_size_dense`` or ``d**2 > max_skew_dense * b * m * n``; the total size includes the
     batch axis ``b``, as in the reference (spec Q1).
     """
@@ -95,13 +97,15 @@ def from_layout(x: mx.array, layout: Layout, shape: Tuple[int, ...]) -> mx.array
 
 
 # ---- maths ----------------------------------------------------------------------------------------
-# Every function works on a stack of k tensors of one layout: rank-3 arrays are (k, b, m, n) (dense
-# factors (k, b, d, d), diagonal ones (k, b, d), L (k, b, 1, 1) or (k, b, 1)); rank 0/1 tensors are
-# rows of (k, numel) with L (k, 1).
+# Every function works on a stack of k tensors of one layout, one after the other along the batch
+# axis: (k * b, m, n) (dense factors (k * b, d, d), diagonal ones (k * b, d), L (k * b, 1, 1) or
+# (k * b, 1)); rank 0/1 tensors are rows of (k, numel) with L (k, 1). A "per-slice" value has one
+# entry per leading index, (k * b,) or (k,).
 
 
 def per_tensor(x: mx.array, ndim: int) -> mx.array:
-    """Reshape a per-tensor value (k,) to broadcast against a (k, ...) array of rank ``ndim``."""
+    """Reshape a per-tensor or per-slice vector to broadcast against an array of rank ``ndim`` whose
+    leading axis it indexes."""
     if x.size == 1:  # as a 0-d array, which element-wise kernels take as a scalar (not strided)
         return x.reshape(())
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
@@ -223,24 +227,24 @@ def update_dense_side(Q: mx.array, L: mx.array, T: mx.array, target: float, prec
 
 def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tuple[bool, ...],
                    precond_lr: float, precond_beta: float, scales=(1.0, 1.0), gate=True,
-                   numel: Optional[int] = None, constants: Optional[dict] = None, scale_pg=None):
+                   numel: int = 1, constants: Optional[dict] = None, scale_pg=None):
     """Precondition ``G`` with the current factors, then update every factor from that same
     ``Pg`` (Jacobi style, spec Q6). Returns ``(Pg, Q, L)``. The targets are ``N / d`` with ``N``
-    the size of one whole tensor (batch axis included, spec Q1): ``numel``, or that of ``G`` when
-    ``G`` is one tensor (b, m, n); 1 for rank <= 1 tensors.
+    the size ``numel`` of one whole tensor (batch axis included, spec Q1); 1 for rank <= 1
+    tensors.
 
     The factors stand for ``scales[side] * Q[side]`` (the first update's initial scale and the
     balancing, applied without a pass over ``Q``): ``scale_pg``, the per-slice product of the
     squared scales, must then be given (it multiplies ``Pg``, see :func:`precondition`). Where
-    ``gate`` is False the factors and ``L`` are left exactly as they are. ``constants``: identities
-    ``("eye", d)`` and vectors of ones ``("ones", d)`` made ahead (else made in the graph)."""
+    ``gate`` is False (and the scales are 1) the factors and ``L`` are left exactly as they are.
+    ``constants``: identities ``("eye", d)`` and vectors of ones ``("ones", d)`` made ahead (else
+    made in the graph)."""
     constants = constants or {}
     Pg = precondition(Q, diag, G, scale_pg)
     if not diag:
         q, ell = update_diag_side(Q[0], L[0], Pg * Pg, mx.full((), 1.0, G.dtype), precond_lr, precond_beta,
                                   scales[0], gate)
         return Pg, [q], [ell]
-    numel = numel or math.prod(G.shape[-3:])
     new_Q, new_L = [], []
     for side, (q, ell, is_diag, scale) in enumerate(zip(Q, L, diag, scales)):
         # As a 0-d array made by an op, not a Python float: MLX inlines scalar literals into its
@@ -267,8 +271,9 @@ def diagonal(q: mx.array) -> mx.array:
 
 
 def balance_ratio(left: mx.array, right: mx.array, diag: Tuple[bool, bool]) -> mx.array:
-    """``rho`` (k, b) such that ``left / rho`` and ``right * rho`` have equal max-abs entries in
-    each slice (spec Q8, Q19); the Kronecker product, and so the preconditioner, is unchanged.
+    """``rho`` (per slice, the factors' leading shape) such that ``left / rho`` and ``right * rho``
+    have equal max-abs entries in each slice (spec Q8, Q19); the Kronecker product, and so the
+    preconditioner, is unchanged.
     A dense factor is symmetric positive semi-definite (``s I``, then congruences ``E Q E``), so
     its largest entry lies on the diagonal: only those ``d`` entries are read."""
     def max_abs(q, is_diag):
@@ -360,16 +365,18 @@ class QUAD(Optimizer):
           update or step count. A tensor whose first non-zero gradient comes after the
           optimizer's first update is initialised then, without the startup iterations and
           with the scale :math:`\operatorname{mean}(\hat g^2)^{-1/8}`. A parameter missing
-          from the gradient tree is handled like one with a zero gradient.
+          from the gradient tree is handled like one with a zero gradient. (A NaN gradient is
+          not zero: it propagates, as with any optimizer.)
         * State, arrays only (it round-trips through safetensors): parameters with the same
           preconditioned layout and compute dtype form a group (:func:`group_name`), updated
           together with batched matmuls and one element-wise kernel where there would be one
           per tensor; ``state["groups"][name]`` holds the group's stacked ``step`` (updates so
           far, per member), ``m`` (the momentum, in the preconditioned layout), ``Q`` and ``L``
           (lists: the factors and their Lipschitz estimates, merged to rank 3, permuted and
-          batch-first as in the reference), one member after the other in the order
-          :meth:`init` first saw them (a loaded state needs the same parameter tree; :meth:`init`
-          raises if a group's size differs). :meth:`parameter_state` gives one parameter's slice.
+          batch-first as in the reference; rows of the flattened tensor for rank <= 1) and
+          ``member`` (the members' path ids), one member after the other. A loaded state is
+          matched to the parameters by path (:meth:`init`). :meth:`parameter_state` gives one
+          parameter's slice.
           Stacked storage saves a copy of every factor per step, which on the CPU is a good
           part of the optimizer's time. :meth:`init_single` / :meth:`apply_single` are the
           same update for a parameter with a state of its own (a group of one).
@@ -405,7 +412,8 @@ class QUAD(Optimizer):
             balanced by their estimated work, so that they run concurrently: on a multi-core CPU
             give it one stream per core *and* one BLAS thread per stream (as ``main.Trainer``
             runs), else the streams compete for the BLAS threads. Also settable later as the
-            ``streams`` attribute, before the first update. Default: ``None`` (the default stream).
+            ``streams`` attribute, before the first update (before the step is traced, under
+            ``mx.compile``). Default: ``None`` (the default stream).
     """
 
     def __init__(
@@ -633,7 +641,7 @@ class QUAD(Optimizer):
             g = to_layout(g.astype(dtype), layout)
             return g if g.shape == row_shape else g.reshape(row_shape)
 
-        def per_slice(v):  # (k,) -> (k * b,)
+        def repeat_to_slices(v):  # per tensor (k,) -> per slice (k * b,)
             return v if b == 1 else mx.repeat(v, b)
 
         M_old, Q_prev, L_prev, steps = state["m"], state["Q"], state["L"], state["step"]
@@ -643,15 +651,15 @@ class QUAD(Optimizer):
         # ||g||^2 per tensor as a batched BLAS dot; the other per-tensor values from it, on (k,).
         flat = G.reshape(k, 1, numel)
         sq = (flat @ flat.swapaxes(-1, -2)).reshape(k)
-        active = sq > 0  # a zero (all-zero) gradient leaves its tensor as it is
+        active = sq != 0  # a zero (all-zero) gradient leaves its tensor as it is; NaN propagates
         first = steps == 0
         count = steps + active.astype(steps.dtype)
         norm = mx.sqrt(sq) + self.eps if self.normalize_grads else None
         # The first update starts the momentum at g (its state is still zero then); 0 when inactive.
         weight = mx.where(first, mx.array(1.0, dtype), mx.array(1 - self.momentum, dtype)) * active
         if norm is not None:
-            G = G / per_tensor(per_slice(norm), G.ndim)
-        M = M_old + per_tensor(per_slice(weight), G.ndim) * (G - M_old)
+            G = G / per_tensor(repeat_to_slices(norm), G.ndim)
+        M = M_old + per_tensor(repeat_to_slices(weight), G.ndim) * (G - M_old)
 
         if startup:
             s = initial_scale(M.reshape(k, numel), self.normalize_grads)      # M = g here
@@ -663,14 +671,14 @@ class QUAD(Optimizer):
         # The factors' pending scales: the initial scale s on a tensor's first update (the stored
         # factors are unit placeholders until then) and the balancing, which divides the left factor
         # by rho and multiplies the right one by it.
-        scale = per_slice(mx.where(first & active, s, 1))
+        scale = repeat_to_slices(mx.where(first & active, s, 1))
         if len(Q_prev) == 2:
-            now = per_slice(active & (count % self.balance_every == 0))
+            now = repeat_to_slices(active & (count % self.balance_every == 0))
             rho = mx.where(now, balance_ratio(*Q_prev, layout.diag), 1)            # (k * b,)
             scales = [scale / rho, scale * rho]
         else:
             scales = [scale]
-        gate = per_slice(active)
+        gate = repeat_to_slices(active)
 
         fit = dict(diag=layout.diag, precond_lr=self.preconditioner_lr, precond_beta=self.precond_beta,
                    numel=numel, constants=self._constants.get(dtype))
@@ -678,7 +686,7 @@ class QUAD(Optimizer):
             Q = [q * per_tensor(sigma, q.ndim) for q, sigma in zip(Q_prev, scales)]
             L = L_prev
             for _ in range(self.startup_iterations - 1):
-                _, Q, L = quad_iteration(Q, L, M, gate=per_slice(first & active), **fit)
+                _, Q, L = quad_iteration(Q, L, M, gate=repeat_to_slices(first & active), **fit)
             Pg, Q, L = quad_iteration(Q, L, M, gate=gate, **fit)
         else:  # each later step: the scales ride on Pg and on the factor updates, not on a pass over Q
             squares = mx.square(scales[0] * scales[1] if len(scales) == 2 else scales[0])
