@@ -8,6 +8,7 @@ import pytest
 import main
 import plot
 from main import Config, config_from_dict, override, parse_args
+from optimizers import OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data.p": 7, "data.op": "+", "model.dim": 16, "model.depth": 1, "train.batch_size": 16,
@@ -111,6 +112,17 @@ def test_same_seed_same_metrics_and_different_seed_differs(tmp_path):
     a, b, c = (strip_timing(plot.read_metrics(tmp_path / d)) for d in "abc")
     assert a == b
     assert a != c
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_registered_optimizer_trains_deterministically(tmp_path, name):
+    """Through the one training loop: the same seed gives the same metrics, and the loss goes down."""
+    cfg = override(Config(), TINY | {"data.p": 11, "train.epochs": 8, "optim.name": name})
+    main.train(cfg, tmp_path / "a", progress=False)
+    main.train(cfg, tmp_path / "b", progress=False)
+    a, b = (strip_timing(plot.read_metrics(tmp_path / d)) for d in "ab")
+    assert a == b
+    assert a[-1]["train_loss"] < 0.95 * a[0]["train_loss"], [r["train_loss"] for r in a]
 
 
 def test_small_run_groks_and_writes_results_files(tmp_path):
