@@ -319,14 +319,18 @@ class Trainer:
             mx.async_eval(masks)
         return masks
 
+    def shared_prefix_plan(self, tokens: np.ndarray):
+        """``shared_prefixes(tokens)`` where evaluation shares prefixes, else None. It is part of the
+        Linux CPU path, like the streams; elsewhere the plain evaluation is fast enough (and on MLX
+        CUDA 0.32.4 this path hit a CUDA-graph error with a small model)."""
+        return shared_prefixes(tokens) if self.streams else None
+
     def evaluate(self, x, y):
         """Summed loss and correct count over ``(x, y)`` (lazy): each part of the rows (see ``parts``) in
         chunks of at most ``EVAL_CHUNK`` rows on its own stream. On the Linux CPU path, prefixes shared by
         many rows (``a op`` of ``a op b =``) are computed once each (``Transformer.logits_after``)."""
         if self._prefix_plan[0] is not x:  # planned once per evaluation set, not once per epoch
-            # Part of the Linux CPU path, like the streams; elsewhere the plain evaluation is fast enough
-            # (and on MLX CUDA 0.32.4 this path hit a CUDA-graph error with a small model).
-            plan = shared_prefixes(np.asarray(x)) if self.streams else None
+            plan = self.shared_prefix_plan(np.asarray(x))
             if plan is not None:
                 plan = (plan[0], mx.array(plan[1]), mx.array(plan[2]))
             self._prefix_plan = (x, plan)

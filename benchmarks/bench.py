@@ -79,7 +79,7 @@ def eval_work(cfg: main.Config, trainer: main.Trainer, tokens: np.ndarray) -> li
     """``(part, shapes)`` of the matmuls of one evaluation as ``Trainer.evaluate`` runs it (part None:
     the shared prefixes, on the default stream)."""
     n, length = tokens.shape
-    plan = main.shared_prefixes(tokens) if trainer.streams else None  # as Trainer.evaluate plans it
+    plan = trainer.shared_prefix_plan(tokens)
     work, suffix = ([], length) if plan is None else ([(None, prefix_shapes(cfg, len(plan[1]), plan[0]))],
                                                       length - plan[0])
     for part, r in enumerate(trainer.parts(n)):

@@ -466,7 +466,7 @@ class QUAD(Optimizer):
         # Present until the first update; its presence (not its value) selects the traced graph.
         self.state["startup"] = mx.array(True)
         self._members = {}  # group name -> parameter paths, in the order of the group's rows
-        self._layouts = {}  # group name -> Layout
+        self._layouts = {}  # group name -> (Layout, compute dtype)
         # compute dtype -> {("eye", d): the identity, ("ones", d): a (d, 1) vector of ones}, evaluated:
         # constants of the compiled graph rather than nodes made anew every step.
         self._constants = {}
