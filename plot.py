@@ -1,6 +1,5 @@
 """Figures for one run, drawn from its ``metrics.jsonl``: ``python plot.py RUN_DIR [--out media/grokking.png]``."""
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -9,12 +8,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from training.rundir import CONFIG, METRICS, read_json, read_metrics  # noqa: E402
+
 TRAIN_COLOR, VAL_COLOR = "#1b9e77", "#d95f02"  # green train, orange validation, as in the original figure
-
-
-def read_metrics(run_dir) -> list[dict]:
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def draw_run(metrics: list[dict], title: str, dark: bool = False):
@@ -40,7 +36,7 @@ def draw_run(metrics: list[dict], title: str, dark: bool = False):
 
 
 def run_title(run_dir) -> str:
-    cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    cfg = read_json(Path(run_dir) / CONFIG)
     d, m, o = cfg["data"], cfg["model"], cfg["optim"]
     opt = f"{o['name']} lr={o['lr']:g} wd={o['weight_decay']:g}"
     return (f"a {d['op']} b mod {d['p']}, train fraction {d['train_fraction']:g}; "
@@ -68,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", help="a run directory holding config.json and metrics.jsonl")
     parser.add_argument("--out", default="media/grokking.png", help="figure path (default: %(default)s)")
     args = parser.parse_args(argv)
-    if not (Path(args.run_dir) / "metrics.jsonl").exists():
+    if not (Path(args.run_dir) / METRICS).exists():
         print(f"error: {args.run_dir} has no metrics.jsonl", file=sys.stderr)
         return 2
     for path in plot_run(args.run_dir, args.out):

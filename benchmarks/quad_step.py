@@ -3,9 +3,9 @@
     python benchmarks/quad_step.py [--steps 10] [--repeats 11]
 
 (a) the compiled optimizer update alone on the model's parameter tree, with the BLAS threads as
-    they are and with one BLAS thread (how ``main.Trainer`` runs on Linux); QUAD also with its
+    they are and with one BLAS thread (how the Linux-CPU trainer runs); QUAD also with its
     parameter groups spread over two CPU streams (``QUAD(streams=...)``);
-(b) the real train step, ``main.Trainer.step`` (forward, backward, update) as ``main.train`` runs
+(b) the real train step, ``Trainer.step`` (forward, backward, update) as ``training.loop.train`` runs
     it (QUAD's groups spread over the trainer's two streams), and QUAD on the default stream.
 
 Variants are timed in alternating rounds of ``--steps`` steps, so that load from other processes
@@ -24,12 +24,15 @@ import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-import main  # noqa: E402  (before the first evaluation: sets MLX's evaluation order)
+import training.speed  # noqa: E402  (before the first evaluation: sets MLX's evaluation order)
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
 import models  # noqa: E402
+from config import Config, override  # noqa: E402
 from optimizers import OptimConfig, build_optimizer  # noqa: E402
+from training.loop import build_trainer  # noqa: E402
+from training.speed.trainer import blas_threads  # noqa: E402
 
 VOCAB, SEQ, BATCH = 99, 4, 512  # the grokking defaults: p = 97 plus two tokens, [a, op, b, =]
 
@@ -54,9 +57,9 @@ def update_only(name: str, streams: int = 0):
 
 
 def train_step(name: str, streams: bool = True):
-    """One ``main.Trainer.step`` on a fixed random batch; QUAD on the trainer's streams (as ``main.train``
-    runs it) or, if not ``streams``, on the default stream."""
-    trainer = main.Trainer(main.override(main.Config(), {"optim.name": name}))
+    """One ``Trainer.step`` on a fixed random batch; QUAD on the trainer's streams (as ``train`` runs it)
+    or, if not ``streams``, on the default stream."""
+    trainer = build_trainer(override(Config(), {"optim.name": name}))
     if not streams and hasattr(trainer.optimizer, "streams"):
         trainer.optimizer.streams = None
     x = mx.random.randint(0, VOCAB, (BATCH, SEQ))
@@ -98,16 +101,16 @@ def main_():
     print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, load average {os.getloadavg()[0]:.2f}")
     report("(a) optimizer update, BLAS threads as set (min / median)",
            compare({"adamw": update_only("adamw"), "quad": update_only("quad")}, args.steps, args.repeats))
-    with main.blas_threads(1):
+    with blas_threads(1):
         report("(a) optimizer update, one BLAS thread",
                compare({"adamw": update_only("adamw"), "quad": update_only("quad"),
                         "quad, 2 streams": update_only("quad", streams=2)}, args.steps, args.repeats))
-    probe = main.Trainer(main.Config())
-    with main.blas_threads(1) if probe.streams else contextlib.nullcontext():
+    fast = training.speed.available()
+    with blas_threads(1) if fast else contextlib.nullcontext():
         runs = {"adamw": train_step("adamw"), "quad": train_step("quad")}
-        if probe.streams:
+        if fast:
             runs["quad, on the default stream"] = train_step("quad", streams=False)
-        report(f"(b) main.Trainer step ({'two streams, one BLAS thread each' if probe.streams else 'one stream'})",
+        report(f"(b) train step ({'two streams, one BLAS thread each' if fast else 'one stream'})",
                compare(runs, args.steps, args.repeats))
     print(f"load average {os.getloadavg()[0]:.2f}")
 

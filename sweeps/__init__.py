@@ -1,11 +1,14 @@
-"""Sweeps: specs (data) -> validated Configs -> ``main.train`` per run -> results table -> figures.
+"""Sweeps: specs (data) -> validated Configs -> one ``training.loop.train`` per run -> results tables -> figures.
 
-    python -m sweeps optimizers   [flags]      lr x weight decay x beta1 grid per optimizer
+    python -m sweeps optimizers   [flags]      each optimizer over its own search space (optimizers/__init__.py)
     python -m sweeps architecture [flags]      dim, depth, heads, dropout, batch size one at a time
     python -m sweeps table DIR                 rebuild DIR/results.csv and DIR/points.csv from DIR/runs
     python -m sweeps plot DIR                  redraw the figures from DIR/results.csv
 
-``sweeps/optimizers.py`` and ``sweeps/architecture.py`` hold the specs; ``sweeps/runner.py`` expands,
-runs and tabulates them; ``sweeps/plot.py`` draws the figures. See ``python -m sweeps optimizers --help``.
+    optimizers.py, architecture.py   the specs, as data
+    spec.py        Spec -> grids -> named, validated runs
+    executors.py   how runs are run (LocalPool: worker processes, worker.py)
+    results.py     the tables: a row per finished run, statistics per configuration
+    runner.py      a whole sweep: plan, lock, execute, tables
+    plot.py        the figures, from the tables
 """
-from sweeps.runner import Spec, apply_axes, default_spec, expand, rebuild_table, run_sweep, summarize  # noqa: F401

@@ -1,15 +1,12 @@
 """The architecture sweep, as data: ``python -m sweeps architecture``.
 
-Each knob of ``AXES`` is varied one at a time while the others stay at ``CENTER``, for every
-registered optimizer at its best configuration ``BEST`` (each optimizer takes the
-hyperparameters it uses; ``--from-results DIR`` takes them from an optimizer sweep instead).
+Each knob of ``AXES`` is varied one at a time while the others stay at ``CENTER``, for every registered
+optimizer at its registry defaults (``--from-results DIR`` takes each optimizer's best configuration from
+an optimizer sweep instead).
 """
 from sweeps.optimizers import BASE as OPTIMIZER_BASE
 
 BASE = dict(OPTIMIZER_BASE)
-
-# The reference's best configuration (lr 3e-3, weight decay 0.3, beta1 0.9; AdamW's beta2 0.99).
-BEST = {"optim.lr": 3e-3, "optim.weight_decay": 0.3, "optim.beta1": 0.9, "optim.beta2": 0.99}
 
 CENTER = {"model.dim": 128, "model.depth": 2, "model.heads": 1, "model.dropout": 0.2, "train.batch_size": 512}
 

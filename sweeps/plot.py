@@ -17,26 +17,17 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
-from plot import TRAIN_COLOR, VAL_COLOR, read_metrics  # noqa: E402  (shared with the single-run figure)
-from sweeps.runner import best_points, group_points, load_rows, point_key, summarize  # noqa: E402
+from config import label, short_name  # noqa: E402
+from optimizers import KNOB_FIELDS  # noqa: E402
+from plot import TRAIN_COLOR, VAL_COLOR  # noqa: E402  (shared with the single-run figure)
+from sweeps.results import best_points, group_points, load_rows, point_key, summarize  # noqa: E402
+from training.rundir import read_metrics  # noqa: E402
 
-LABELS = {
-    "model.dim": "model width (dim)", "model.depth": "depth (blocks)", "model.heads": "attention heads",
-    "model.dropout": "dropout", "model.mlp_ratio": "MLP ratio", "train.batch_size": "batch size",
-    "optim.lr": "learning rate", "optim.weight_decay": "weight decay", "optim.beta1": "beta1",
-    "optim.beta2": "beta2", "data.train_fraction": "train fraction", "data.p": "p",
-}
-SHORT = {"optim.lr": "lr", "optim.weight_decay": "wd", "optim.beta1": "beta1", "optim.beta2": "beta2",
-         "optim.warmup_steps": "warmup"}
 # The column holding the budget at which an unsolved run is censored, per plotted quantity.
 CENSOR_AT = {"epochs_to_target": "train.epochs", "steps_to_target": "steps_run"}
-KNOB_FREE = ("optim.lr", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.warmup_steps",
-             "data.p", "data.op", "data.train_fraction", "train.epochs", "train.early_stop_val_acc")
+KNOB_FREE = tuple(f"optim.{k}" for k in KNOB_FIELDS) + (
+    "optim.warmup_steps", "data.p", "data.op", "data.train_fraction", "train.epochs", "train.early_stop_val_acc")
 UNITS = {"epochs_to_target": "epochs", "steps_to_target": "optimizer steps"}
-
-
-def label(key: str) -> str:
-    return LABELS.get(key, key)
 
 
 def target_label(rows: list[dict], y: str) -> str:
@@ -170,7 +161,7 @@ def save(fig, path: Path) -> Path:
 
 
 def describe_config(row: dict, keys) -> str:
-    return ", ".join(f"{SHORT.get(k, k.split('.')[-1])} {row[k]:g}" if isinstance(row[k], (int, float))
+    return ", ".join(f"{short_name(k)} {row[k]:g}" if isinstance(row[k], (int, float))
                      else f"{k.split('.')[-1]} {row[k]}" for k in keys if row.get(k) is not None)
 
 

@@ -7,9 +7,11 @@ import mlx.core as mx
 import pytest
 
 import main
-import plot
-from main import Config, config_from_dict, override, parse_args
+from config import Config, config_from_dict, override
+from main import parse_args
 from optimizers import OPTIMIZERS
+from training.loop import train
+from training.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data.p": 7, "data.op": "+", "model.dim": 16, "model.depth": 1, "train.batch_size": 16,
@@ -107,10 +109,10 @@ def strip_timing(rows):
 
 def test_same_seed_same_metrics_and_different_seed_differs(tmp_path):
     cfg = override(Config(), TINY | {"model.dropout": 0.2})
-    main.train(cfg, tmp_path / "a", progress=False)
-    main.train(cfg, tmp_path / "b", progress=False)
-    main.train(override(cfg, {"seed": 43}), tmp_path / "c", progress=False)
-    a, b, c = (strip_timing(plot.read_metrics(tmp_path / d)) for d in "abc")
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    train(override(cfg, {"seed": 43}), tmp_path / "c", progress=False)
+    a, b, c = (strip_timing(read_metrics(tmp_path / d)) for d in "abc")
     assert a == b
     assert a != c
 
@@ -121,18 +123,18 @@ def test_every_registered_optimizer_trains_deterministically(tmp_path, name):
     On the CPU: on MLX's CUDA backend (0.32.4) two QUAD runs were seen to differ."""
     cfg = override(Config(), TINY | {"data.p": 11, "train.epochs": 8, "optim.name": name})
     with mx.stream(mx.cpu):
-        main.train(cfg, tmp_path / "a", progress=False)
-        main.train(cfg, tmp_path / "b", progress=False)
-    a, b = (strip_timing(plot.read_metrics(tmp_path / d)) for d in "ab")
+        train(cfg, tmp_path / "a", progress=False)
+        train(cfg, tmp_path / "b", progress=False)
+    a, b = (strip_timing(read_metrics(tmp_path / d)) for d in "ab")
     assert a == b
     assert a[-1]["train_loss"] < 0.95 * a[0]["train_loss"], [r["train_loss"] for r in a]
 
 
 def test_small_run_groks_and_writes_results_files(tmp_path):
-    summary = main.train(override(Config(), GROKS), tmp_path, progress=False)
+    summary = train(override(Config(), GROKS), tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    rows = plot.read_metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert set(rows[0]) >= {"epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "elapsed_s"}
     assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
     steps_per_epoch = -(-int(0.8 * 23 * 23) // 64)
@@ -150,9 +152,9 @@ def test_small_run_groks_and_writes_results_files(tmp_path):
 
 def test_rerun_into_the_same_directory_replaces_results(tmp_path):
     cfg = override(Config(), TINY)
-    main.train(cfg, tmp_path, progress=False)
-    main.train(override(cfg, {"train.epochs": 2}), tmp_path, progress=False)
-    assert len(plot.read_metrics(tmp_path)) == 2
+    train(cfg, tmp_path, progress=False)
+    train(override(cfg, {"train.epochs": 2}), tmp_path, progress=False)
+    assert len(read_metrics(tmp_path)) == 2
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.tmp"))
 
 

@@ -13,12 +13,14 @@ import pytest
 from mlx.utils import tree_flatten
 
 import data
-import main
 import models
+from config import Config, flatten, override
 from optimizers import OPTIMIZERS
-from sweeps import runner
+from sweeps import executors, results, spec as spec_module
 from sweeps.__main__ import main_cli, parse_sweep_args
-from sweeps.runner import Spec, apply_axes, default_spec, expand, summarize
+from sweeps.results import summarize
+from sweeps.spec import Spec, apply_axes, default_spec, expand
+from training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--p", "7", "--op", "+", "--dim", "16", "--depth", "1", "--batch-size", "32", "--epochs", "3"]
@@ -26,24 +28,34 @@ TINY = ["--p", "7", "--op", "+", "--dim", "16", "--depth", "1", "--batch-size", 
 
 def n_used(name: str, grid: dict) -> int:
     """Points of ``grid`` for optimizer ``name``: the product over the axes it uses."""
-    return math.prod(len(v) for k, v in grid.items() if runner.uses(name, k))
+    return math.prod(len(v) for k, v in grid.items() if spec_module.uses(name, k))
 
 
 # ---------------------------------------------------------------------------------------------
 # Grids
 
-def test_default_optimizer_grid_sweeps_only_the_hyperparameters_each_optimizer_uses():
+def test_default_optimizer_sweep_runs_each_optimizer_over_its_own_search_space():
     from sweeps import optimizers as spec_data
     runs = expand(default_spec("optimizers"))
-    expected = sum(n_used(name, spec_data.GRID) for name in OPTIMIZERS) * len(spec_data.SEEDS)
-    assert len(runs) == expected
-    assert n_used("adamw", spec_data.GRID) == 3 * 5 * 2  # lr x weight decay x beta1, beta2 fixed at 0.99
+    spaces = {name: entry.search_space() for name, entry in OPTIMIZERS.items()}
+    assert len(runs) == sum(math.prod(map(len, s.values())) for s in spaces.values()) * len(spec_data.SEEDS)
+    for name, space in spaces.items():
+        mine = [flatten(r.config) for r in runs if r.config.optim.name == name]
+        for key, values in space.items():
+            assert sorted({row[key] for row in mine}) == sorted(values), (name, key)
     for run in runs:
         cfg = run.config
         assert (cfg.data.train_fraction, cfg.train.epochs, cfg.train.early_stop_val_acc) == (0.4, 400, 0.9)
-        assert (cfg.optim.beta2 is None) == ("beta2" not in OPTIMIZERS[cfg.optim.name].defaults)
-        if cfg.optim.name == "adamw":
-            assert cfg.optim.beta2 == 0.99
+        knobs = OPTIMIZERS[cfg.optim.name].hyperparameters
+        assert all((getattr(cfg.optim, k) is None) == (k not in knobs) for k in ("beta2", "momentum"))
+
+
+def test_dry_run_lists_each_optimizers_own_grid(capsys):
+    assert main_cli(["optimizers", "--dry-run", "--seeds", "0"]) == 0
+    listing = capsys.readouterr().out
+    for name, entry in OPTIMIZERS.items():
+        n = math.prod(len(v) for v in entry.search_space().values())
+        assert sum(line.split()[1].startswith(name + "_") for line in listing.splitlines()[:-1]) == n, name
 
 
 def test_default_architecture_sweep_varies_one_knob_at_a_time_around_the_center():
@@ -53,18 +65,18 @@ def test_default_architecture_sweep_varies_one_knob_at_a_time_around_the_center(
     assert points == 16
     assert len(runs) == points * len(OPTIMIZERS) * len(spec_data.SEEDS)
     for run in runs:
-        flat = main.flatten(run.config)
+        flat = flatten(run.config)
         off_center = [k for k in spec_data.CENTER if flat[k] != spec_data.CENTER[k]]
         assert len(off_center) <= 1
-        assert (run.config.optim.lr, run.config.optim.weight_decay) == (3e-3, 0.3)
+        assert run.config.optim == override(Config(), {"optim.name": run.config.optim.name}).resolved().optim
 
 
 def test_flags_replace_axes_exactly():
     """The issue's example: 2 optimizers x 2 learning rates x 2 seeds = 8 runs."""
     names = list(OPTIMIZERS)[:2]
     argv = ["--p", "23", "--epochs", "60", "--train-fraction", "0.5", "--optimizers", ",".join(names),
-            "--lr", "1e-3,3e-3", "--weight-decay", "1.0", "--beta1", "0.9", "--seeds", "0,1", "--workers", "2"]
-    spec, args = parse_sweep_args("optimizers", argv)
+            "--lr", "1e-3,3e-3", "--weight-decay", "1.0", "--seeds", "0,1", "--workers", "2"]
+    spec, args, _ = parse_sweep_args("optimizers", argv)
     runs = expand(spec)
     assert len(runs) == len(names) * 2 * 2 and args.workers == 2
     assert {r.config.optim.lr for r in runs} == {1e-3, 3e-3}
@@ -75,7 +87,7 @@ def test_flags_replace_axes_exactly():
 def test_single_value_sets_the_base_and_several_add_a_crossed_axis():
     spec = default_spec("optimizers")
     one = apply_axes(spec, {"data.p": [23], "optim.lr": [1e-3], "optim.weight_decay": [1.0], "optim.beta1": [0.9],
-                            "optim.name": ["adamw"], "seed": [0]})
+                            "optim.beta2": [0.98], "optim.name": ["adamw"], "seed": [0]})
     assert one.base["data.p"] == 23 and len(expand(one)) == 1
     two = apply_axes(one, {"data.p": [23, 29], "model.mlp_ratio": [2, 4]})
     runs = expand(two)
@@ -107,7 +119,8 @@ def test_architecture_flag_replaces_a_knob_axis_and_keeps_the_center_on_it():
     (["--workers", "0"], "--workers=0 must be >= 1"),
     (["--workers", "two"], "invalid int value"),
     (["--seeds", "0,a"], "seed 'a' must be an integer"),
-    (["--optimizers", "quad", "--beta2", "0.9,0.95"], "optim.beta2 is not used by quad"),
+    (["--optimizers", "quad", "--beta2", "0.9,0.95"], "optim.beta2 is not a knob of quad (quad: lr,"),
+    (["--optimizers", "quad", "--optim.preconditioner=dense,full"], "optim.preconditioner='full' must be one of"),
     (["--lrr", "1e-3"], "unrecognized argument"),
 ])
 def test_bad_input_is_one_line_with_status_2_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -125,7 +138,7 @@ def test_empty_grid_is_rejected():
     with pytest.raises(ValueError, match="empty list"):
         apply_axes(spec, {"optim.lr": []})
     with pytest.raises(ValueError, match="optim.lr: axis must be a non-empty list"):
-        expand(Spec("optimizers", {}, ["adamw"], {"optim.lr": []}, [0]))
+        expand(Spec("optimizers", {}, ["adamw"], {"adamw": {"optim.lr": []}}, [0]))
     with pytest.raises(ValueError, match="no seeds"):
         expand(Spec("optimizers", {}, ["adamw"], {}, []))
 
@@ -148,10 +161,9 @@ def test_run_names_are_readable_stable_and_distinct():
     assert [r.name for r in runs] == [r.name for r in again]
     assert len({r.name for r in runs}) == len({r.hash for r in runs}) == len(runs)
     names = {r.name for r in runs}
-    digest = runner.config_hash(main.override(main.Config(), {
-        **default_spec("optimizers").base, "optim.lr": 3e-3, "optim.weight_decay": 0.3, "optim.beta1": 0.9,
-        "optim.beta2": 0.99, "seed": 0}))
-    assert f"adamw_lr0.003_wd0.3_b10.9_s0-{digest}" in names
+    digest = spec_module.config_hash(override(Config(), {
+        **default_spec("optimizers").base, "optim.lr": 3e-3, "optim.weight_decay": 0.3, "seed": 0}))
+    assert f"adamw_lr0.003_wd0.3_s0-{digest}" in names
     for name in names:
         assert re.fullmatch(r"[A-Za-z0-9.+_-]+-[0-9a-f]{8}", name)
     arch = expand(default_spec("architecture"))
@@ -159,10 +171,10 @@ def test_run_names_are_readable_stable_and_distinct():
 
 
 def test_hash_covers_the_full_resolved_config():
-    base = main.override(main.Config(), {"data.p": 7})
-    assert runner.config_hash(base) == runner.config_hash(base.resolved())  # defaults filled in: same run
-    assert runner.config_hash(base) != runner.config_hash(main.override(base, {"data.p": 11}))
-    assert runner.config_hash(base) != runner.config_hash(main.override(base, {"model.mlp_ratio": 2}))
+    base = override(Config(), {"data.p": 7})
+    assert spec_module.config_hash(base) == spec_module.config_hash(base.resolved())  # defaults filled in: same run
+    assert spec_module.config_hash(base) != spec_module.config_hash(override(base, {"data.p": 11}))
+    assert spec_module.config_hash(base) != spec_module.config_hash(override(base, {"model.mlp_ratio": 2}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +186,7 @@ def swept(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     names = list(OPTIMIZERS)[:2]
     argv = [sys.executable, "-m", "sweeps", "optimizers", *TINY, "--optimizers", ",".join(names),
-            "--lr", "1e-3,3e-3", "--weight-decay", "0.1", "--beta1", "0.9", "--seeds", "0", "--workers", "2",
+            "--lr", "1e-3,3e-3", "--weight-decay", "0.1", "--seeds", "0", "--workers", "2",
             "--out", str(out), "--media", str(out / "figures")]
     first = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -186,10 +198,10 @@ def test_sweep_writes_runs_table_points_and_figures(swept):
     runs = sorted((out / "runs").iterdir())
     assert len(runs) == n and all((d / "summary.json").exists() for d in runs)
     assert {"config.json", "metrics.jsonl", "summary.json", "log.txt"} <= {p.name for p in runs[0].iterdir()}
-    rows = runner.read_table(out / "results.csv")
+    rows = results.read_table(out / "results.csv")
     assert len(rows) == n and len({r["hash"] for r in rows}) == n
     assert all(r["epochs_run"] == 3 and r["steps_to_target"] is None or r["solved"] for r in rows)
-    points = runner.read_table(out / "points.csv")
+    points = results.read_table(out / "points.csv")
     assert len(points) == n and all(p["n"] == 1 for p in points)
     figures = {p.name for p in (out / "figures").iterdir()}
     names = {r["optim.name"] for r in rows}
@@ -213,14 +225,14 @@ def test_killed_run_is_redone_and_counted_once(swept, capsys):
     victim = sorted((out / "runs").iterdir())[0]
     (victim / "summary.json").unlink()  # killed mid-way: config.json and a partial metrics file only
     (victim / "metrics.jsonl").rename(victim / "metrics.jsonl.partial")
-    assert len(runner.rebuild_table(out)) == n - 1  # never counted while unfinished
+    assert len(results.rebuild_table(out)) == n - 1  # never counted while unfinished
     cli = argv[argv.index("optimizers"):]
     assert main_cli(cli + ["--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert f"redo  {victim.name}" in listing and f"{n - 1} done (skipped), 1 unfinished (redo)" in listing
     assert main_cli(cli + ["--no-plot"]) == 0
     assert (victim / "summary.json").exists() and (victim / "metrics.jsonl").exists()
-    rows = runner.read_table(out / "results.csv")
+    rows = results.read_table(out / "results.csv")
     assert len(rows) == n and len({r["run"] for r in rows}) == n
 
 
@@ -242,17 +254,17 @@ def test_table_is_rebuilt_from_run_dirs_without_duplicates(swept, capsys):
 
 def test_architecture_from_results_takes_each_optimizers_best(swept):
     out, _, _, _ = swept
-    best = runner.best_points(summarize(runner.read_table(out / "results.csv")))
-    spec, _ = parse_sweep_args("architecture", ["--from-results", str(out), "--seeds", "0"])
+    best = results.best_points(summarize(results.read_table(out / "results.csv")))
+    spec, _, _ = parse_sweep_args("architecture", ["--from-results", str(out), "--seeds", "0"])
     assert set(spec.optimizers) == set(best)
     for run in expand(spec):
         assert run.config.optim.lr == best[run.config.optim.name]["optim.lr"]
 
 
 def test_workers_split_the_blas_threads():
-    env = runner.worker_env(2)
-    assert env["OPENBLAS_NUM_THREADS"] == str(max(1, runner.cpu_count() // 2))
-    assert runner.worker_env(10 ** 6)["OMP_NUM_THREADS"] == "1"
+    assert executors.LocalPool(2).describe().endswith(f"{max(1, executors.cpu_count() // 2)} BLAS thread(s) each")
+    assert executors.worker_env(3)["OPENBLAS_NUM_THREADS"] == "3"
+    assert executors.worker_env(0)["OMP_NUM_THREADS"] == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +272,7 @@ def test_workers_split_the_blas_threads():
 
 def synthetic(name, seed, epochs, lr=1e-3, wd=0.1, dim=16, budget=400):
     solved = epochs is not None
-    flat = main.flatten(main.override(main.Config(), {"optim.lr": lr, "optim.weight_decay": wd, "model.dim": dim,
+    flat = flatten(override(Config(), {"optim.lr": lr, "optim.weight_decay": wd, "model.dim": dim,
                                                       "train.epochs": budget, "seed": seed}).resolved())
     flat["optim.name"] = name  # any name: the statistics and figures never consult the registry
     return {"run": f"{name}_lr{lr:g}_wd{wd:g}_dim{dim}_s{seed}-{seed:08x}", "hash": f"{seed:08x}",
@@ -282,7 +294,7 @@ def test_censoring_statistics():
     assert point["solved"] == 0 and point["epochs_median"] is None and point["epochs_max"] is None
     fast_but_flaky = [synthetic("adamw", 0, 50, lr=3e-3), synthetic("adamw", 1, None, lr=3e-3)]
     slow_but_sure = [synthetic("adamw", 0, 200), synthetic("adamw", 1, 250)]
-    best = runner.best_points(summarize(fast_but_flaky + slow_but_sure))["adamw"]
+    best = results.best_points(summarize(fast_but_flaky + slow_but_sure))["adamw"]
     assert best["optim.lr"] == 1e-3
 
 
@@ -311,7 +323,7 @@ def test_figures_from_synthetic_rows_mark_censored_runs(tmp_path):
 # Fairness
 
 def test_same_seed_gives_every_optimizer_the_same_initial_weights_and_split(monkeypatch):
-    """Record what ``main.train`` really builds: the model's initial parameters and the data split."""
+    """Record what ``train`` really builds: the model's initial parameters and the data split."""
     inits, splits = [], []
 
     class Recording(models.Transformer):
@@ -332,7 +344,7 @@ def test_same_seed_gives_every_optimizer_the_same_initial_weights_and_split(monk
                                                                "optim.beta1": 0.5}]
     for seed in (0, 1):
         for o in optims if seed == 0 else optims[:1]:
-            main.train(main.override(main.Config(), {**tiny, **o, "seed": seed}), None, progress=False)
+            train(override(Config(), {**tiny, **o, "seed": seed}), None, progress=False)
     same = len(optims)
     for init, split in zip(inits[1:same], splits[1:same]):
         assert init.keys() == inits[0].keys()

@@ -1,0 +1,128 @@
+"""The plain ``models.Transformer``'s forward pass, computed with less work (same parameters, same logits
+to float rounding):
+
+- only the last position is read out, so the last block computes queries, the attention output and the
+  MLP for that position alone (keys and values still cover every position);
+- the first block's q/k/v are looked up per token: its input is the token's embedding, so they are rows
+  of ``attn_norm(embedding.weight) @ W.T``, one per vocabulary entry rather than one per position;
+- the dropout masks are drawn before the forward pass (``dropout_masks``), so that a batch can be split
+  and still use the whole batch's masks;
+- evaluation rows share few distinct prefixes (``a op`` of ``a op b =``): their keys and values are
+  computed once per prefix (``prefix_keys_values``, ``logits_after``).
+"""
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import models
+from training.speed.kernels import fast_sigmoid, gather_rows, silu_gate
+
+
+def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = False,
+              past: Optional[tuple] = None, return_kv: bool = False, qkv: Optional[tuple] = None):
+    """``attn`` over ``x`` ``(B, L, D)``, after ``past`` = ``(keys, values)`` ``(B, H, P, D/H)`` of the ``P``
+    positions before it when given; ``last_only``: queries and output for the last position only;
+    ``return_kv``: also this call's keys and values; ``qkv``: ``(wq(x), wk(x), wv(x))`` already computed
+    (then ``x`` is not used)."""
+    B, L, D = (x if qkv is None else qkv[0]).shape
+    project = (lambda i, w: w(x)) if qkv is None else (lambda i, w: qkv[i])
+    offset = 0 if past is None else past[0].shape[2]
+    heads = lambda t: t.reshape(B, t.shape[1], attn.heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D/H)
+    new_keys = attn.rope(heads(project(1, attn.wk)), offset=offset)
+    new_values = heads(project(2, attn.wv))
+    keys, values = new_keys, new_values
+    if past is not None:
+        keys, values = mx.concatenate([past[0], keys], axis=2), mx.concatenate([past[1], values], axis=2)
+    if last_only:
+        # The last query attends to every key, so it needs no mask.
+        queries = attn.rope(heads(attn.wq(x[:, -1:]) if qkv is None else qkv[0][:, -1:]), offset=offset + L - 1)
+        mask = None
+    else:
+        queries = attn.rope(heads(project(0, attn.wq)), offset=offset)
+        mask = "causal" if past is None else mx.arange(offset + L)[None] <= mx.arange(offset, offset + L)[:, None]
+    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=(D // attn.heads) ** -0.5, mask=mask)
+    out = attn.wo(out.transpose(0, 2, 1, 3).reshape(B, queries.shape[2], D))
+    return (out, (new_keys, new_values)) if return_kv else out
+
+
+class FastModel:
+    """The forward pass of ``model`` with the tricks above; ``fused``: the fused SiLU-gate kernels."""
+
+    def __init__(self, model: models.Transformer, cfg: models.ModelConfig, fused: bool = True,
+                 lookup_first_qkv: bool = True):
+        self.model = model
+        self.keep_prob = 1 - cfg.dropout  # dropout on the SiLU branch, as nn.Dropout(cfg.dropout)
+        self.fused = fused
+        self.lookup_first_qkv = lookup_first_qkv and cfg.depth > 1
+
+    def feed_forward(self, ff: models.FeedForward, x: mx.array, keep: Optional[mx.array]) -> mx.array:
+        """``ff(x)`` with the dropout mask ``keep`` (None: no dropout)."""
+        a, b = ff.w1(x), ff.w3(x)  # (..., mlp_dim)
+        if not self.fused:
+            h = nn.silu(a) if keep is None else (keep * nn.silu(a)) * (1 / self.keep_prob)  # as nn.Dropout
+            return ff.w2(h * b)
+        if keep is None:
+            return ff.w2(a * fast_sigmoid(a) * b)
+        return ff.w2(silu_gate(a, b, keep, mx.array(1 / self.keep_prob))[0])
+
+    def block(self, block: models.Block, x: mx.array, last_only: bool = False, keep: Optional[mx.array] = None,
+              past: Optional[tuple] = None, qkv: Optional[tuple] = None) -> mx.array:
+        """``block(x)``; ``qkv``: the attention's projections of ``attn_norm(x)``, already computed."""
+        h = attention(block.attn, block.attn_norm(x) if qkv is None else None, last_only, past, qkv=qkv)
+        x = (x[:, -1:] if last_only else x) + h
+        return x + self.feed_forward(block.ff, block.ff_norm(x), keep)
+
+    def __call__(self, tokens: mx.array, masks: Optional[list] = None) -> mx.array:
+        """Logits ``(B, V)`` for the token after ``tokens`` ``(B, L)``, with the dropout ``masks`` from
+        :meth:`dropout_masks` (rows may be sliced with the batch; None: no dropout)."""
+        blocks = self.model.blocks
+        masks = masks or [None] * len(blocks)
+        x = self.model.embedding(tokens)  # (B, L, D)
+        qkv = self.first_qkv(tokens) if self.lookup_first_qkv else None
+        for block, keep in zip(blocks[:-1], masks):
+            x, qkv = self.block(block, x, keep=keep, qkv=qkv), None
+        x = self.block(blocks[-1], x, last_only=True, keep=masks[-1])[:, 0]  # (B, D)
+        return self.model.out(self.model.norm(x))
+
+    def first_qkv(self, tokens: mx.array) -> tuple:
+        """The first block's ``wq, wk, wv`` of ``attn_norm(embedding(tokens))``, each ``(B, L, D)``, looked
+        up per token; their gradient reaches the tables through ``gather_rows``."""
+        block = self.model.blocks[0]
+        attn, table = block.attn, block.attn_norm(self.model.embedding.weight)  # (V, D)
+        table = mx.concatenate([attn.wq(table), attn.wk(table), attn.wv(table)], axis=-1)  # (V, 3D)
+        return tuple(mx.split(gather_rows(table, tokens), 3, axis=-1))
+
+    def dropout_masks(self, batch_size: int, length: int) -> Optional[list]:
+        """The dropout masks of a training pass over ``(batch_size, length)`` tokens, one per block (the last
+        block's for the last position only); None in eval mode or without dropout."""
+        if not self.model.training or self.keep_prob == 1:
+            return None
+        shapes = [(batch_size, length, ff.w1.weight.shape[0]) for ff in (b.ff for b in self.model.blocks)]
+        shapes[-1] = (batch_size, 1, shapes[-1][2])
+        return [mx.random.bernoulli(self.keep_prob, shape) for shape in shapes]
+
+    def prefix_keys_values(self, prefixes: mx.array) -> list:
+        """Each block's attention ``(keys, values)`` ``(U, H, P, D/H)`` for the ``U`` sequences ``prefixes``
+        ``(U, P)`` (eval mode: no dropout). See :meth:`logits_after`."""
+        blocks = self.model.blocks
+        x = self.model.embedding(prefixes)
+        cache = []
+        for block in blocks:
+            h, kv = attention(block.attn, block.attn_norm(x), return_kv=True)
+            cache.append(kv)
+            if block is not blocks[-1]:
+                x = x + h
+                x = x + self.feed_forward(block.ff, block.ff_norm(x), None)
+        return cache
+
+    def logits_after(self, tokens: mx.array, past: list) -> mx.array:
+        """``self(concatenate([prefix, tokens], 1))`` in eval mode, from the prefix's keys and values ``past``
+        (from :meth:`prefix_keys_values`, one row per row of ``tokens``)."""
+        blocks = self.model.blocks
+        x = self.model.embedding(tokens)
+        qkv = self.first_qkv(tokens) if self.lookup_first_qkv else None
+        for block, kv in zip(blocks[:-1], past):
+            x, qkv = self.block(block, x, past=kv, qkv=qkv), None
+        x = self.block(blocks[-1], x, last_only=True, past=past[-1])[:, 0]
+        return self.model.out(self.model.norm(x))

@@ -1,0 +1,189 @@
+"""FastTrainer: the Trainer's step and evaluation on MLX's CPU backend outside macOS.
+
+There MLX runs each stream's elementwise work on one thread, so:
+
+- every batch is split in two halves whose summed-loss gradients are computed concurrently on two CPU
+  streams (one BLAS thread each, ``blas_threads``) and added: the whole batch's mean-loss gradient up to
+  float rounding, with the whole batch's dropout masks;
+- those masks are drawn a step ahead on a third stream (the same random numbers, in the same order);
+- evaluation splits its rows over the two streams and computes prefixes shared by many rows once;
+- glibc keeps freed memory for reuse (``keep_freed_memory``).
+"""
+import contextlib
+import ctypes
+from functools import partial
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+import fastblas
+from config import Config
+from training.speed.model import FastModel
+from training.trainer import EVAL_CHUNK, Trainer, loss_and_correct
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Run the block with the optimized BLAS that ``fastblas`` loaded set to ``n`` threads (OpenBLAS)."""
+    lib = ctypes.CDLL(fastblas.LOADED) if fastblas.LOADED else None
+    if lib is None or not hasattr(lib, "openblas_set_num_threads"):
+        yield
+        return
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        lib.openblas_set_num_threads(before)
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed blocks of up to 32 MiB for reuse rather than give them back to the
+    system: MLX's CPU allocator frees every step's activations, and each fresh page then costs a page
+    fault. Process-wide; a no-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # the largest value glibc accepts
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+def shared_prefixes(tokens: np.ndarray):
+    """``(P, prefixes, inverse)`` for the prefix length ``P`` that leaves the fewest positions to compute
+    when each distinct prefix ``prefixes[u]`` of ``tokens[:, :P]`` is computed once (``inverse`` maps
+    rows to prefixes), or None when no prefix is shared enough to pay."""
+    n, length = tokens.shape
+    best_cost, best = n * length, None
+    for p in range(1, length):
+        prefixes, inverse = np.unique(tokens[:, :p], axis=0, return_inverse=True)
+        cost = len(prefixes) * p + n * (length - p)
+        if cost < 0.8 * best_cost:
+            best_cost, best = cost, (p, prefixes, inverse.reshape(-1))
+    return best
+
+
+class FastTrainer(Trainer):
+    """The Trainer's interface; the model's parameters run through ``FastModel``."""
+
+    def __init__(self, cfg: Config, optimizer: Optional[optim.Optimizer] = None, streams: int = 2):
+        """``streams``: how many CPU streams a batch and an evaluation are split over (1: no split)."""
+        super().__init__(cfg, optimizer)
+        model, optimizer = self.model, self.optimizer
+        self.fast = fast = FastModel(model, cfg.model)
+        self.streams = [mx.new_stream(mx.cpu) for _ in range(streams)]
+        self.mask_stream = mx.new_stream(mx.cpu)
+        keep_freed_memory()
+        if hasattr(optimizer, "streams"):  # QUAD: spread its parameter groups over the same streams
+            optimizer.streams = self.streams
+
+        def scaled_loss(model, x, y, masks, scale):
+            loss, correct = loss_and_correct(fast(x, masks), y)
+            return loss * scale, loss, correct
+
+        grad_fn = nn.value_and_grad(model, scaled_loss)
+
+        # Each part of a batch is its own compiled call (traced per part, so per stream): one compiled
+        # graph holding both parts would merge their identical constants into one stream's arrays, and
+        # the other stream's elementwise kernels would then run unfused and strided.
+        @partial(mx.compile, inputs=model.state)
+        def gradients(x, y, masks, scale, part):
+            params = model.trainable_parameters()
+            with mx.stream(self.streams[part]):  # the gradient of this part's share of the batch's mean loss
+                (_, loss, correct), grads = grad_fn(model, x, y, masks, scale)
+            model.update(params)  # value_and_grad leaves its traced copies in the model
+            return loss, correct, grads
+
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def update(parts):
+            loss, correct, grads = parts[0]
+            for part_loss, part_correct, part_grads in parts[1:]:
+                loss, correct = loss + part_loss, correct + part_correct
+                grads = tree_map(mx.add, grads, part_grads)
+            optimizer.update(model, grads)
+            return loss, correct
+
+        def step(x, y, masks):
+            n = x.shape[0]
+            return update([gradients(x[rows], y[rows], masks and [m[rows] for m in masks], 1 / n, part)
+                           for part, rows in enumerate(self.parts(n))])
+
+        @partial(mx.compile, inputs=model.state)
+        def evaluate_part(x, y, part):
+            with mx.stream(self.streams[part]):
+                return loss_and_correct(fast(x), y)
+
+        @partial(mx.compile, inputs=model.state)
+        def evaluate_part_after(x, y, rows_prefix, past, part):  # x: the tokens after the prefixes
+            with mx.stream(self.streams[part]):
+                past = [(keys[rows_prefix], values[rows_prefix]) for keys, values in past]
+                return loss_and_correct(fast.logits_after(x, past), y)
+
+        self._fast_step, self._evaluate_part, self._evaluate_part_after = step, evaluate_part, evaluate_part_after
+        self._prefix_keys_values = mx.compile(fast.prefix_keys_values, inputs=model.state)
+
+    def running(self):
+        return blas_threads(1)  # one BLAS thread per stream
+
+    def parts(self, n: int) -> list:
+        """The row slices of the parts of a batch of ``n`` rows: part ``i`` runs on stream ``i``."""
+        k = min(len(self.streams), n)
+        bounds = [(n * i + k - 1) // k for i in range(k + 1)]  # ceil(n i / k): the first parts are larger
+        return [slice(bounds[i], bounds[i + 1]) for i in range(k)]
+
+    def step(self, x, y):
+        # The masks are drawn outside the compiled step, so that both halves share the whole batch's masks.
+        return self._fast_step(x, y, self.fast.dropout_masks(*x.shape))
+
+    def epoch(self, x, y, order: mx.array, batch_size: int):
+        loss_sum, correct_sum = mx.array(0.0), mx.array(0)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        masks = self._draw_masks(len(batches[0]), x.shape[1])
+        for i, idx in enumerate(batches):
+            # The next batch's masks (drawn in the order step() draws them) start now on a stream of
+            # their own, to run beside this step rather than between two steps.
+            upcoming = self._draw_masks(len(batches[i + 1]), x.shape[1]) if i + 1 < len(batches) else None
+            loss, correct = self._fast_step(x[idx], y[idx], masks)
+            loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
+            mx.async_eval(self.state, loss_sum, correct_sum)
+            masks = upcoming
+        return loss_sum, correct_sum
+
+    def _draw_masks(self, rows: int, length: int):
+        with mx.stream(self.mask_stream):
+            masks = self.fast.dropout_masks(rows, length)
+        if masks:
+            mx.async_eval(masks)
+        return masks
+
+    def evaluation_plan(self, x: np.ndarray):
+        """``(P, prefixes, inverse)`` of ``shared_prefixes`` as arrays, or None."""
+        plan = shared_prefixes(x)
+        return None if plan is None else (plan[0], mx.array(plan[1]), mx.array(plan[2]))
+
+    def evaluator(self, x, y):
+        """Each part of the rows (see ``parts``) in chunks of at most ``EVAL_CHUNK`` rows on its own stream;
+        prefixes shared by many rows (``a op`` of ``a op b =``) computed once each."""
+        plan = self.evaluation_plan(np.asarray(x))
+
+        def evaluate():
+            with self.eval_mode():
+                if plan is not None:
+                    length, prefixes, inverse = plan
+                    past = self._prefix_keys_values(prefixes)
+                totals = []
+                for part, rows in enumerate(self.parts(len(y))):
+                    for i in range(rows.start, rows.stop, EVAL_CHUNK):
+                        chunk = slice(i, min(i + EVAL_CHUNK, rows.stop))
+                        if plan is None:
+                            totals.append(self._evaluate_part(x[chunk], y[chunk], part))
+                        else:
+                            totals.append(self._evaluate_part_after(x[chunk, length:], y[chunk], inverse[chunk],
+                                                                    past, part))
+            return tuple(sum(t[k] for t in totals) for k in range(2))
+        return evaluate
