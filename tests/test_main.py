@@ -42,6 +42,15 @@ def test_override_rejects_unknown_keys_and_wrong_types(overrides, message):
         override(Config(), overrides)
 
 
+def test_the_knob_table_names_every_config_field_once():
+    from config import KNOBS, flatten
+    keys = [k.key for k in KNOBS]
+    assert sorted(keys) == sorted(flatten(Config())) and len(set(keys)) == len(keys)
+    flags = [f for k in KNOBS if k.flag for f in (k.flag, *k.aliases)]
+    shorts = [k.short for k in KNOBS if k.short]
+    assert len(set(flags)) == len(flags) and len(set(shorts)) == len(shorts)
+
+
 def test_optimizer_defaults_fill_unset_hyperparameters():
     cfg = Config().resolved()
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.beta1, cfg.optim.beta2) == \
