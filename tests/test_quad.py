@@ -18,8 +18,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from optimizers import OptimConfig, build_optimizer
-from optimizers.quad import (QUAD, balance_ratio, factor_layout, lower_bound_norm, merge_dims_to_three,
-                             permutation, update_dense_side)
+from optimizers.quad import QUAD, balance_ratio, lower_bound_norm, update_dense_side
+from optimizers.quad_groups import factor_layout, merge_dims_to_three, permutation
 
 REFERENCE = np.load(Path(__file__).parent / "data" / "quad_reference.npz")
 TOLERANCES = json.loads(str(REFERENCE["tolerances_json"]))
