@@ -240,30 +240,20 @@ class QUAD(Optimizer):
     ``balance_every`` updates the two factors are rescaled to equal max-abs entries.
 
     Notes:
-        * Compilation: the state holds a ``"startup"`` entry until the first update, so a step
-          compiled with ``mx.compile(step, inputs=state, outputs=state)`` traces twice: once for
-          the first step, with the startup iterations, and once for every later step. MLX has no
-          conditional execution (``mx.where`` evaluates both sides), so one graph would run the
-          startup iterations on every step. Balancing is an ``mx.where`` on the step count.
-        * Zero gradients: MLX hands unused parameters all-zero gradients where PyTorch gives
-          ``None``. A tensor whose gradient has a zero squared norm is left untouched that step
-          (no initialisation, momentum, weight decay, update or step count), and so is a parameter
-          missing from the gradient tree. A tensor whose first non-zero gradient comes after the
-          optimizer's first update is initialised then, without the startup iterations and with
-          the scale :math:`\operatorname{mean}(\hat g^2)^{-1/8}`. A NaN gradient propagates. A
-          zero-size parameter has no state and comes back as it is.
-        * State, arrays only (it round-trips through safetensors): parameters with the same
-          preconditioned layout and compute dtype form a group, updated together with batched
-          matmuls; ``state["groups"][name]`` holds the group's ``step``, ``m`` (in the
-          preconditioned layout), the lists ``Q`` and ``L`` (the factors and their Lipschitz
-          estimates) and ``member`` (path ids), one member after the other (see
-          :class:`optimizers.quad_groups.ParameterGroups`). An assigned state (a checkpoint) is
-          matched to the parameters by path. :meth:`parameter_state` gives one parameter's slice;
-          :meth:`init_single` / :meth:`apply_single` are the same update for a parameter with a
-          state of its own.
-        * Maths runs in float32 for float32/float16/bfloat16 parameters and in float64 (on the
-          CPU stream) for float64 ones; the result has the parameter's dtype. For float64 give
-          ``learning_rate`` as a float64 array (a Python float becomes float32).
+        * Under ``mx.compile`` the step traces twice: the state holds a ``"startup"`` entry until
+          the first update (MLX has no conditional execution, so one graph would run the startup
+          fits on every step); balancing is an ``mx.where`` on the step count.
+        * A tensor whose gradient is all zero (what MLX gives unused parameters), or that is
+          missing from the gradient tree, is left untouched that step: no initialisation,
+          momentum, weight decay, update or step count. Initialised by a later first gradient, it
+          starts at the scale :math:`\operatorname{mean}(\hat g^2)^{-1/8}` without the startup
+          fits. A zero-size parameter has no state and comes back as it is.
+        * The state is arrays only: ``state["groups"][name]`` holds the stacked state of the
+          parameters of one layout and compute dtype, with their path ids
+          (:class:`optimizers.quad_groups.ParameterGroups`); an assigned state is matched to the
+          parameters by path. :meth:`parameter_state` gives one parameter's slice.
+        * Maths runs in float32, or in float64 (CPU stream) for float64 parameters (then give
+          ``learning_rate`` as a float64 array); the result has the parameter's dtype.
 
     Args:
         learning_rate (float or callable): The learning rate :math:`\lambda`. Default: ``1e-3``.
