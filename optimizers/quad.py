@@ -1,100 +1,23 @@
 """PSGD-QUAD: a Kronecker-factored whitening preconditioner, written the way ``mlx.optimizers`` are.
 
 A port of ``quad.py`` from evanatyourservice/mlx-grokking (PyTorch, commit 36a93bc), from the
-restatement in its spec; the quirks of that reference are kept so that trajectories match it
-(float64: relative error <= 1e-10 of the distance travelled on the grokking shapes).
+restatement in its spec; the quirks of that reference are kept so that trajectories match it.
 
-The preconditioner's maths lives in pure functions (the layout: ``merge_dims_to_three``,
-``permutation``, ``factor_layout``; the fit: ``initial_scale``, ``precondition``,
-``lower_bound_norm``, ``update_dense_side``, ``update_diag_side``, ``quad_iteration``,
-``balance_ratio``); :class:`QUAD` adds the momentum, the zero-gradient gating and weight decay, and
-keeps the state of each group of parameters of one layout stacked.
+The maths lives in pure functions (``initial_scale``, ``precondition``, ``lower_bound_norm``,
+``update_dense_side``, ``update_diag_side``, ``quad_iteration``, ``balance_ratio``) that work on a
+stack of tensors of one layout; :class:`QUAD` adds the momentum, the zero-gradient gating and weight
+decay. Which shape the preconditioner sees, and which parameters are stacked and updated together,
+is decided in :mod:`optimizers.quad_groups`.
 """
-import contextlib
 import math
-import zlib
-from functools import lru_cache
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx.optimizers import Optimizer
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
-# ---- layout: which shape the preconditioner sees ------------------------------------------------
-
-
-def merge_dims_to_three(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    """Merge adjacent axes of ``shape`` into at most three, as squarely as possible.
-
-    Rank 0 and 1 stay as they are, rank 2 ``(a, c)`` becomes ``(1, a, c)`` and rank 3 is kept.
-    For rank >= 4 every split into three runs of adjacent axes is scored by ``max / min`` and the
-    first strictly best one wins (outer loop over the first cut, inner over the second), e.g.
-    ``(4, 6, 8, 2) -> (4, 6, 16)`` and ``(2, 3, 4, 5, 6) -> (6, 20, 6)``.
-    """
-    shape = tuple(shape)
-    if len(shape) <= 1 or len(shape) == 3:
-        return shape
-    if len(shape) == 2:
-        return (1,) + shape
-    best, best_score = None, math.inf
-    for i in range(1, len(shape) - 1):
-        for j in range(i + 1, len(shape)):
-            candidate = (math.prod(shape[:i]), math.prod(shape[i:j]), math.prod(shape[j:]))
-            score = max(candidate) / min(candidate) if min(candidate) > 0 else math.inf
-            if best is None or score < best_score:
-                best, best_score = candidate, score
-    return best
-
-
-def permutation(merged: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
-    """The axis order that sorts a merged 3-D shape ascending (stable), or ``None`` if the first
-    (batch) axis is already the smallest. Permuting puts the two largest axes last, where the
-    two Kronecker factors act; e.g. ``(16, 4, 8) -> order (1, 2, 0) -> (4, 8, 16)``."""
-    if len(merged) != 3:
-        return None
-    order = tuple(sorted(range(3), key=lambda axis: merged[axis]))
-    return None if order[0] == 0 else order
-
-
-class Layout(NamedTuple):
-    """How a parameter is seen by the preconditioner (a function of its static shape only)."""
-    merged: Tuple[int, ...]        # merge_dims_to_three(shape)
-    order: Optional[Tuple[int, ...]]  # permutation applied after the merge, or None
-    shape: Tuple[int, ...]         # the preconditioned shape: () / (n,) / (b, m, n)
-    diag: Tuple[bool, ...]         # per factor: diagonal (True) or dense (False); () for rank <= 1
-
-
-@lru_cache(maxsize=None)
-def factor_layout(shape: Tuple[int, ...], max_size_dense: float, max_skew_dense: float,
-                  precondition_largest_two_dims: bool) -> Layout:
-    """Merge, permute and choose dense or diagonal factors for a parameter of ``shape``.
-
-    A side of size ``d`` of the merged and permuted ``(b, m, n)`` gets a diagonal factor iff
-    ``d > max_size_dense`` or ``d**2 > max_skew_dense * b * m * n``; the total size includes the
-    batch axis ``b``, as in the reference (spec Q1).
-    """
-    merged = merge_dims_to_three(shape)
-    if len(merged) <= 1:
-        return Layout(merged, None, merged, ())
-    order = permutation(merged) if precondition_largest_two_dims else None
-    pshape = tuple(merged[axis] for axis in order) if order else merged
-    numel = math.prod(pshape)
-    diag = tuple(d > max_size_dense or d * d > max_skew_dense * numel for d in pshape[1:])
-    return Layout(merged, order, pshape, diag)
-
-
-def to_layout(x: mx.array, layout: Layout) -> mx.array:
-    """Reshape (and permute) a parameter-shaped array to the preconditioned shape."""
-    x = x if x.shape == layout.merged else x.reshape(layout.merged)
-    return x.transpose(layout.order) if layout.order else x
-
-
-def from_layout(x: mx.array, layout: Layout, shape: Tuple[int, ...]) -> mx.array:
-    """Inverse of :func:`to_layout`."""
-    if layout.order:
-        x = x.transpose([layout.order.index(axis) for axis in range(3)])
-    return x if x.shape == tuple(shape) else x.reshape(shape)
-
+from optimizers.quad_groups import Layout, ParameterGroups, Stack, compute_dtype, factor_layout, stream_for
 
 # ---- maths ----------------------------------------------------------------------------------------
 # Every function works on a stack of k tensors of one layout, one after the other along the batch
@@ -151,9 +74,9 @@ def precondition(Q: List[mx.array], diag: Tuple[bool, ...], G: mx.array, scale=N
 
 
 def row_energies(x: mx.array, ones: Optional[mx.array] = None) -> mx.array:
-    """``sum(x**2, axis=-1, keepdims=True)`` as a matrix-vector product: MLX's CPU reduction along
-    the contiguous last axis is several times slower than BLAS. ``ones``: the (d, 1) vector of ones,
-    if one is at hand."""
+    """``sum(x**2, axis=-1, keepdims=True)`` as a matrix-vector product, which BLAS runs faster than
+    MLX's CPU reduction along the contiguous last axis. ``ones``: the (d, 1) vector of ones, if one
+    is at hand."""
     return (x * x) @ (mx.ones((x.shape[-1], 1), x.dtype) if ones is None else ones)
 
 
@@ -281,108 +204,56 @@ def balance_ratio(left: mx.array, right: mx.array, diag: Tuple[bool, bool]) -> m
     return mx.sqrt(max_abs(left, diag[0]) / max_abs(right, diag[1]))
 
 
-def group_work(shape: Tuple[int, ...], diag: Tuple[bool, ...], k: int) -> int:
-    """A rough cost of one step of ``k`` tensors of preconditioned ``shape``: the dense factors'
-    matmuls (``3 d^3 + 2 d^2 e`` per slice) plus a few passes over the elements."""
-    numel = math.prod(shape)
-    work = 10 * numel
-    if diag:
-        b, m, n = shape
-        work += sum(b * (3 * d ** 3 + 2 * d * d * e) for d, e, is_diag in ((m, n, diag[0]), (n, m, diag[1]))
-                    if not is_diag)
-    return k * work
-
-
-def compute_dtype(dtype: mx.Dtype) -> mx.Dtype:
-    """float64 parameters are handled in float64 (CPU stream), everything else in float32."""
-    return mx.float64 if dtype == mx.float64 else mx.float32
-
-
-def group_name(layout: Layout, dtype: mx.Dtype) -> str:
-    """The key of a group of parameters updated together: compute dtype, preconditioned shape and
-    factor kinds, e.g. ``"float32_1x128x512_dense_diag"`` or ``"float32_128_solo"``."""
-    shape = "x".join(map(str, layout.shape)) or "scalar"
-    kinds = "_".join("diag" if diag else "dense" for diag in layout.diag) or "solo"
-    return f"{str(dtype).split('.')[-1]}_{shape}_{kinds}"
-
-
-def member_id(path: str) -> int:
-    """A parameter's id in its group's state: the CRC-32 of its path (what a saved state keeps of it)."""
-    return zlib.crc32(path.encode())
-
-
-def _stream_for(dtype: mx.Dtype):
-    # float64 exists on the CPU stream only.
-    return mx.stream(mx.cpu) if dtype == mx.float64 else contextlib.nullcontext()
-
-
 # ---- the optimizer -------------------------------------------------------------------------------
 
 
 class QUAD(Optimizer):
-    r"""The PSGD-QUAD optimizer.
+    r"""The PSGD-QUAD optimizer [1, 2].
 
-    Preconditioned SGD (`Xi-Lin Li, Preconditioned Stochastic Gradient Descent
-    <https://arxiv.org/abs/1512.04202>`_) with a Kronecker-factored whitening preconditioner
-    fitted by the "QUAD" two-sided update, as in ``quad.py`` of
-    `evanatyourservice/mlx-grokking <https://github.com/evanatyourservice/mlx-grokking>`_.
-    Each parameter's momentum is reshaped to :math:`(b, m, n)` (rank 0/1 tensors get one
-    diagonal factor) and whitened by a left factor :math:`Q_l` and a right factor :math:`Q_r`,
-    each dense or diagonal; :math:`N = bmn`, :math:`\eta` the preconditioner lr,
-    :math:`\beta_L` the Lipschitz EMA:
+    Preconditioned SGD with a Kronecker-factored whitening preconditioner fitted by the two-sided
+    ("quadratic") update. Each parameter's momentum is merged to :math:`(b, m, n)` and whitened by a
+    left factor :math:`Q_l` and a right factor :math:`Q_r`, each dense or diagonal (rank 0/1 tensors
+    get one diagonal factor). With :math:`N = bmn`, :math:`\eta` the preconditioner learning rate and
+    :math:`\beta_L` the EMA factor of the Lipschitz estimates :math:`L`:
+
+    [1]: Li, X.-L., 2015. Preconditioned stochastic gradient descent. arXiv:1512.04202.
+
+    [2]: ``quad.py`` of `evanatyourservice/mlx-grokking <https://github.com/evanatyourservice/mlx-grokking>`_.
 
     .. math::
 
-        m_t &= \beta m_{t-1} + (1 - \beta) \hat g_t, \quad m_1 = \hat g_1,
-            \quad \hat g = g / (\|g\|_2 + \epsilon) \text{ if normalize\_grads} \\
+        \hat g_t &= g_t / (\|g_t\|_2 + \epsilon) \text{ if normalize\_grads, else } g_t \\
+        m_t &= \beta m_{t-1} + (1 - \beta) \hat g_t, \quad m_1 = \hat g_1 \\
         P_g &= (Q_l Q_l^\top)\, m_t\, (Q_r Q_r^\top) \\
         Q_l &\leftarrow E_l Q_l E_l, \quad
             E_l = I - \frac{\eta}{2 L_l} \left(P_g P_g^\top - \tfrac{N}{m} I\right), \quad
             L_l \leftarrow \max(\beta_L L_l + (1 - \beta_L) \ell_l, \ell_l),
             \ \ell_l \approx \|P_g P_g^\top\|_2 + \tfrac{N}{m} \\
-        Q_r &\leftarrow E_r Q_r E_r \text{ likewise with } P_g^\top P_g, \tfrac{N}{n} \\
+        Q_r &\leftarrow E_r Q_r E_r \text{ likewise with } P_g^\top P_g \text{ and } \tfrac{N}{n} \\
         w_{t+1} &= (1 - \lambda_t w_d)\, w_t - \lambda_t s\, P_g
 
     A diagonal factor :math:`q` uses the row (column) energies :math:`t` of :math:`P_g`:
     :math:`q \leftarrow q \odot \gamma^2`, :math:`\gamma = 1 - \frac{\eta}{2L}(t - \frac{N}{d})`.
-    :math:`P_g` uses the factors from before this step's update. On a tensor's first update
-    the factors start at :math:`\operatorname{mean}(\hat g^4)^{-1/16} I` and are fitted
-    ``startup_iterations`` times (the output uses the factors after all but the last fit);
-    every ``balance_every`` updates the two factors are rescaled to equal max-abs entries.
+    :math:`P_g` uses the factors from before this step's update. On a tensor's first update the
+    factors start at :math:`\operatorname{mean}(\hat g^4)^{-1/16} I` and are fitted
+    ``startup_iterations`` times (the output uses the factors after all but the last fit); every
+    ``balance_every`` updates the two factors are rescaled to equal max-abs entries.
 
     Notes:
-        * Compilation: the startup iterations run only in the optimizer's first update. The
-          state holds a ``"startup"`` entry until then, so a step compiled with
-          ``mx.compile(step, inputs=state, outputs=state)`` traces twice in total: once for
-          the first step (with the startup iterations) and once for every later step (one
-          fit per step). MLX has no conditional execution (``mx.where`` evaluates both
-          sides), so a single graph would pay for the startup iterations on every step.
-          Balancing is an ``mx.where`` on the per-tensor step count, so it never retraces.
-        * Zero gradients: MLX hands unused parameters all-zero gradients where PyTorch gives
-          ``None`` (and the reference would turn a zero first gradient into NaN). A tensor
-          whose gradient has a zero squared norm (all zero, or so tiny that its squares
-          underflow) is left untouched that step: no initialisation, momentum, weight decay,
-          update or step count. A tensor whose first non-zero gradient comes after the
-          optimizer's first update is initialised then, without the startup iterations and
-          with the scale :math:`\operatorname{mean}(\hat g^2)^{-1/8}`. A parameter missing
-          from the gradient tree is handled like one with a zero gradient. (A NaN gradient is
-          not zero: it propagates, as with any optimizer.)
-        * State, arrays only (it round-trips through safetensors): parameters with the same
-          preconditioned layout and compute dtype form a group (:func:`group_name`), updated
-          together with batched matmuls and one element-wise kernel where there would be one
-          per tensor; ``state["groups"][name]`` holds the group's stacked ``step`` (updates so
-          far, per member), ``m`` (the momentum, in the preconditioned layout), ``Q`` and ``L``
-          (lists: the factors and their Lipschitz estimates, merged to rank 3, permuted and
-          batch-first as in the reference; rows of the flattened tensor for rank <= 1) and
-          ``member`` (the members' path ids), one member after the other. A loaded state is
-          matched to the parameters by path (:meth:`init`). :meth:`parameter_state` gives one
-          parameter's slice.
-          Stacked storage saves a copy of every factor per step, which on the CPU is a good
-          part of the optimizer's time. :meth:`init_single` / :meth:`apply_single` are the
-          same update for a parameter with a state of its own (a group of one).
-        * Math runs in float32 for float32/float16/bfloat16 parameters and in float64 (on
-          the CPU stream) for float64 ones; the result has the parameter's dtype. For float64
-          parity pass ``learning_rate`` as a float64 array (a Python float becomes float32).
+        * Under ``mx.compile`` the step traces twice: the state holds a ``"startup"`` entry until
+          the first update (MLX has no conditional execution, so one graph would run the startup
+          fits on every step); balancing is an ``mx.where`` on the step count.
+        * A tensor whose gradient is all zero (what MLX gives unused parameters), or that is
+          missing from the gradient tree, is left untouched that step: no initialisation,
+          momentum, weight decay, update or step count. Initialised by a later first gradient, it
+          starts at the scale :math:`\operatorname{mean}(\hat g^2)^{-1/8}` without the startup
+          fits. A zero-size parameter has no state and comes back as it is.
+        * The state is arrays only: ``state["groups"][name]`` holds the stacked state of the
+          parameters of one layout and compute dtype, with their path ids
+          (:class:`optimizers.quad_groups.ParameterGroups`); an assigned state is matched to the
+          parameters by path. :meth:`parameter_state` gives one parameter's slice.
+        * Maths runs in float32, or in float64 (CPU stream) for float64 parameters (then give
+          ``learning_rate`` as a float64 array); the result has the parameter's dtype.
 
     Args:
         learning_rate (float or callable): The learning rate :math:`\lambda`. Default: ``1e-3``.
@@ -405,15 +276,15 @@ class QUAD(Optimizer):
             Default: ``10``.
         balance_every (int, optional): Balance the two factors every this many updates.
             Default: ``250``.
-        update_scale (float, optional): The update is ``learning_rate * update_scale * Pg``;
-            the reference's ``lr / 3`` (to match Adam's update norm). Default: ``1/3``.
+        update_scale (float, optional): The update is ``learning_rate * update_scale * Pg``
+            (:math:`s`); the reference's ``lr / 3``. Default: ``1/3``.
         eps (float, optional): The gradient normalisation's epsilon. Default: ``1e-6``.
         streams (list of streams, optional): Spread the parameter groups over these streams,
             balanced by their estimated work, so that they run concurrently: on a multi-core CPU
             give it one stream per core *and* one BLAS thread per stream (as ``main.Trainer``
             runs), else the streams compete for the BLAS threads. Also settable later as the
-            ``streams`` attribute, before the first update (before the step is traced, under
-            ``mx.compile``). Default: ``None`` (the default stream).
+            ``streams`` attribute, before the step is traced. Default: ``None`` (the default
+            stream).
     """
 
     def __init__(
@@ -465,27 +336,33 @@ class QUAD(Optimizer):
         self.streams = streams
         # Present until the first update; its presence (not its value) selects the traced graph.
         self.state["startup"] = mx.array(True)
-        self._members = {}  # group name -> parameter paths, in the order of the group's rows
-        self._layouts = {}  # group name -> (Layout, compute dtype)
-        # compute dtype -> {("eye", d): the identity, ("ones", d): a (d, 1) vector of ones}, evaluated:
-        # constants of the compiled graph rather than nodes made anew every step.
-        self._constants = {}
+        self._groups = ParameterGroups(self._layout)
+
+    @property
+    def state(self) -> dict:
+        """The optimizer's state dictionary. Assigning one (a checkpoint) matches its rows to the
+        parameters by path, as the next update (or :meth:`init`) sees them."""
+        return self._state
+
+    @state.setter
+    def state(self, state: dict):
+        self._groups.adopt(state)
+        self._initialized = False
+        self._state = state
 
     def _layout(self, shape) -> Layout:
         return factor_layout(tuple(shape), self.max_size_dense, self.max_skew_dense,
                              self.precondition_largest_two_dims)
 
-    def _group_of(self, parameter: mx.array) -> Tuple[str, Layout, mx.Dtype]:
-        layout, dtype = self._layout(parameter.shape), compute_dtype(parameter.dtype)
-        return group_name(layout, dtype), layout, dtype
-
     def init_single(self, parameter: mx.array, state: dict):
         """The state of one parameter, a group of one: zero momentum (in the preconditioned layout)
         and step count, unit placeholder factors (``I`` or ``1``) that the first non-zero gradient
-        scales, and zero Lipschitz estimates."""
+        scales, and zero Lipschitz estimates. A zero-size parameter has none."""
+        if parameter.size == 0:
+            return state
         layout = self._layout(parameter.shape)
         dtype = compute_dtype(parameter.dtype)
-        with _stream_for(dtype):
+        with stream_for(dtype):
             state["step"] = mx.zeros((1,), mx.int32)
             if not layout.diag:
                 state["m"] = mx.zeros((1, math.prod(layout.shape)), dtype)
@@ -501,43 +378,10 @@ class QUAD(Optimizer):
 
     def init(self, parameters: dict):
         """Group the parameters by preconditioned layout and compute dtype, and give every group
-        its stacked state under ``state["groups"][name]`` (see :func:`group_name`): one row per
-        member in ``step`` and ``member`` (the CRC-32 of the member's path, so that a saved state
-        knows its rows), ``b`` rows in the others for a batch of ``b`` slices. Parameters new to a
-        later call are appended to their groups. Call it again, outside ``mx.compile``, after
-        replacing ``state`` (loading one): the rows are matched to the parameters by path."""
-        groups = self.state.setdefault("groups", {})
-        flat = tree_flatten(parameters)
-        by_id = {member_id(path): path for path, _ in flat}
-        if len(by_id) != len(flat):
-            raise ValueError("two parameter paths share a CRC-32; rename one")
-        # Each stored group's members in row order, from its ids; rows of parameters this tree does
-        # not have stay unnamed (None) until a later call names them.
-        named = {member_id(path): path for members in self._members.values() for path in members if path}
-        self._members = {name: [by_id.get(i, named.get(i)) for i in group["member"].tolist()]
-                         for name, group in groups.items()}
-        group_of = {path: name for name, members in self._members.items() for path in members if path}
-        for path, parameter in flat:
-            name, layout, dtype = self._group_of(parameter)
-            self._layouts[name] = (layout, dtype)
-            constants = self._constants.setdefault(dtype, {})
-            for d in layout.shape[1:]:
-                if ("eye", d) not in constants:
-                    with _stream_for(dtype):
-                        constants["eye", d], constants["ones", d] = mx.eye(d, dtype=dtype), mx.ones((d, 1), dtype)
-                    mx.eval(constants["eye", d], constants["ones", d])
-            if path in group_of:
-                if group_of[path] != name:
-                    raise ValueError(f"parameter {path!r} has state in group {group_of[path]!r}, but its shape "
-                                     f"{tuple(parameter.shape)} and dtype {parameter.dtype} give group {name!r}")
-                continue
-            rows = self.init_single(parameter, {})
-            rows["member"] = mx.array([member_id(path)], mx.uint32)
-            with _stream_for(dtype):
-                groups[name] = rows if name not in groups else tree_map(
-                    lambda old, new: mx.concatenate([old, new]), groups[name], rows)
-            self._members.setdefault(name, []).append(path)
-            group_of[path] = name
+        its stacked state under ``state["groups"][name]``: the ``init_single`` states of its
+        members, one after the other. Parameters new to a later call are appended to their groups;
+        those with rows in an assigned state keep them."""
+        self._groups.add(parameters, self.state.setdefault("groups", {}), self.init_single)
         self._initialized = True
 
     def parameter_state(self, path: str) -> dict:
@@ -546,66 +390,21 @@ class QUAD(Optimizer):
         or the parameter's shape for rank <= 1), and the lists ``Q`` and ``L`` in the reference's
         layout: (b, d, d) dense, (b, d) diagonal and (b, 1, 1) / (b, 1) for factored tensors; the
         parameter's shape and () otherwise."""
-        for name, members in self._members.items():
-            if path in members:
-                group, i = self.state["groups"][name], members.index(path)
-                break
-        else:
-            raise KeyError(f"no optimizer state for parameter {path!r}")
-        layout = self._layouts[name][0]
-        if layout.diag:
-            b = layout.shape[0]
-
-            def row(x):
-                return x[i * b:(i + 1) * b]
-            return {"step": group["step"][i], "m": row(group["m"]), "Q": [row(q) for q in group["Q"]],
-                    "L": [row(ell) for ell in group["L"]]}
-        return {"step": group["step"][i], "m": group["m"][i].reshape(layout.shape),
-                "Q": [group["Q"][0][i].reshape(layout.shape)], "L": [group["L"][0][i, 0]]}
+        return self._groups.rows(path, self.state.get("groups", {}))
 
     def apply_gradients(self, gradients: dict, parameters: dict):
         """Apply the gradients like :meth:`Optimizer.apply_gradients`, but update each group of
-        parameters of one layout and compute dtype together: batched matmuls and one element-wise
-        kernel per group where there would be one per tensor, on the group's stacked state. A
-        group member without a gradient in ``gradients`` is handled as a zero gradient (untouched)."""
-        paths = [path for path, _ in tree_flatten(gradients)]
-        if not self._initialized or any(not self._known(path) for path in paths):
+        parameters of one layout and compute dtype together, on the group's stacked state. A group
+        member without a gradient in ``gradients`` is handled as a zero gradient (untouched)."""
+        if not self._initialized or not all(self._groups.knows(path) for path, _ in tree_flatten(gradients)):
             self.init(gradients)
         for param, scheduler in self._schedulers.items():
             self.state[param] = scheduler(self.step)
         self.state["step"] = self.step + 1
         # The first update is traced with the startup iterations, later ones without.
         startup = self.state.pop("startup", None) is not None
-
-        entries = []
-
-        def collect(gradient, parameter):
-            entries.append((gradient, parameter))
-            return len(entries) - 1
-        index = tree_map(collect, gradients, parameters)
-        given = dict(zip(paths, entries))
-        groups = self.state["groups"]
-        updated = {name: [given.get(path) for path in members] for name, members in self._members.items()}
-        updated = {name: present for name, present in updated.items() if any(present)}
-        work = {name: group_work(self._layouts[name][0].shape, self._layouts[name][0].diag, len(present))
-                for name, present in updated.items()}
-        streams = list(self.streams or [None])
-        load = [0] * len(streams)
-        results = {}
-        for name in sorted(updated, key=lambda name: -work[name]):
-            j = load.index(min(load))  # the least loaded stream takes the next biggest group
-            load[j] += work[name]
-            present = updated[name]
-            layout, dtype = self._layouts[name]
-            with mx.stream(streams[j]) if streams[j] is not None else contextlib.nullcontext(), \
-                    _stream_for(dtype):
-                new = self._update_stack(groups[name], layout, dtype, [e and e[0] for e in present],
-                                         [e and e[1] for e in present], startup)
-            results.update((path, p) for path, p in zip(self._members[name], new) if p is not None)
-        return tree_map(lambda i: results[paths[i]], index)
-
-    def _known(self, path: str) -> bool:
-        return any(path in members for members in self._members.values())
+        return self._groups.apply(gradients, parameters, self.state["groups"], self.streams,
+                                  partial(self._update, startup=startup))
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         """The QUAD update of one parameter whose state is a group of its own (``init_single``).
@@ -614,40 +413,47 @@ class QUAD(Optimizer):
         startup fits (which only run on a tensor's first update), and a tensor first updated after
         the optimizer's first step gets the startup fits and scale there, unlike in
         :meth:`apply_gradients`."""
+        if parameter.size == 0:
+            return parameter
         layout, dtype = self._layout(parameter.shape), compute_dtype(parameter.dtype)
-        with _stream_for(dtype):
-            return self._update_stack(state, layout, dtype, [gradient], [parameter], "startup" in self.state)[0]
+        with stream_for(dtype):
+            return self._update(state, layout, dtype, [gradient], [parameter], "startup" in self.state)[0]
 
-    def _update_stack(self, state, layout, dtype, grads, params, startup):
-        # Factored tensors are stacked along their batch axis, (k * b, m, n); rank <= 1 tensors as
-        # rows, (k, numel). Per-tensor scalars are (k,) vectors, repeated to one entry per slice.
-        k = len(grads)
+    def _update(self, state: dict, layout: Layout, dtype: mx.Dtype, grads: List[Optional[mx.array]],
+                params: List[Optional[mx.array]], startup: bool) -> List[Optional[mx.array]]:
+        # The update of a stack of k parameters of one group (None: not updated, a zero gradient).
+        stack = Stack(layout, params)
+        k = len(params)
+        G = stack.gradients(grads, dtype, state["m"].shape)
+        Pg, active = self._advance(state, G, k, layout, dtype, startup)
+        lr = self.learning_rate.astype(dtype)
+        on = active.astype(dtype)
+        # Per-tensor 0-d scalars, which the element-wise kernel reads as scalars (contiguous).
+        decays = [x.reshape(()) for x in mx.split(1 - lr * self.weight_decay * on, k)]  # 1 when inactive
+        step_sizes = [x.reshape(()) for x in mx.split(lr * self.update_scale * on, k)]  # 0 when inactive
+        results = []
+        for parameter, update, decay, step_size in zip(params, stack.updates(Pg, params), decays, step_sizes):
+            if parameter is None:
+                results.append(None)
+                continue
+            new = parameter.astype(dtype) * decay - step_size * update
+            results.append(new.astype(parameter.dtype))
+        return results
+
+    def _advance(self, state: dict, G: mx.array, k: int, layout: Layout, dtype: mx.Dtype,
+                 startup: bool) -> Tuple[mx.array, mx.array]:
+        # One step of a stack's state (momentum, factors, Lipschitz estimates, step counts; updated in
+        # place) from its gradients G: returns the preconditioned momentum Pg and which tensors were
+        # active (non-zero gradient), (k,). Per-tensor scalars are (k,) vectors, repeated to one entry
+        # per slice.
         factored = bool(layout.diag)
         b = layout.shape[0] if factored else 1
         numel = math.prod(layout.shape)
-        row_shape = layout.shape if factored else (1, numel)
-
-        # Members of one shape that the layout only reshapes (no permutation) are stacked as they
-        # are, along their first axis, and the stack reshaped once: no graph node per tensor.
-        shapes = {tuple(p.shape) for p in params if p is not None}
-        shape = next(iter(shapes))
-        direct = layout.order is None and len(shapes) == 1 and len(shape) >= 1
-
-        def rows(g):  # a gradient in its group's layout, or in its own shape when ``direct``
-            if direct:
-                return mx.zeros(shape, dtype) if g is None else g.astype(dtype)
-            if g is None:
-                return mx.zeros(row_shape, dtype)
-            g = to_layout(g.astype(dtype), layout)
-            return g if g.shape == row_shape else g.reshape(row_shape)
 
         def repeat_to_slices(v):  # per tensor (k,) -> per slice (k * b,)
             return v if b == 1 else mx.repeat(v, b)
 
         M_old, Q_prev, L_prev, steps = state["m"], state["Q"], state["L"], state["step"]
-        G = rows(grads[0]) if k == 1 else mx.concatenate([rows(g) for g in grads])
-        G = G if G.shape == M_old.shape else G.reshape(M_old.shape)
-
         # ||g||^2 per tensor as a batched BLAS dot; the other per-tensor values from it, on (k,).
         flat = G.reshape(k, 1, numel)
         sq = (flat @ flat.swapaxes(-1, -2)).reshape(k)
@@ -681,7 +487,7 @@ class QUAD(Optimizer):
         gate = repeat_to_slices(active)
 
         fit = dict(diag=layout.diag, precond_lr=self.preconditioner_lr, precond_beta=self.precond_beta,
-                   numel=numel, constants=self._constants.get(dtype))
+                   numel=numel, constants=self._groups.constants.get(dtype))
         if startup:  # once: apply the scales, then the extra fits of the tensors starting now
             Q = [q * per_tensor(sigma, q.ndim) for q, sigma in zip(Q_prev, scales)]
             L = L_prev
@@ -692,24 +498,4 @@ class QUAD(Optimizer):
             squares = mx.square(scales[0] * scales[1] if len(scales) == 2 else scales[0])
             Pg, Q, L = quad_iteration(Q_prev, L_prev, M, scales=scales, gate=gate, scale_pg=squares, **fit)
         state.update(step=count, m=M, Q=Q, L=L)
-
-        lr = self.learning_rate.astype(dtype)
-        on = active.astype(dtype)
-        # Per-tensor 0-d scalars, which the element-wise kernel reads as scalars (contiguous).
-        decays = [x.reshape(()) for x in mx.split(1 - lr * self.weight_decay * on, k)]  # 1 when inactive
-        step_sizes = [x.reshape(()) for x in mx.split(lr * self.update_scale * on, k)]  # 0 when inactive
-        if direct:
-            updates = Pg.reshape(shape) if k == 1 else Pg.reshape((k * shape[0],) + shape[1:])
-            updates = [updates] if k == 1 else mx.split(updates, k)
-        else:
-            updates = [Pg] if k == 1 else mx.split(Pg, k)
-        results = []
-        for parameter, update, decay, step_size in zip(params, updates, decays, step_sizes):
-            if parameter is None:
-                results.append(None)
-                continue
-            if not direct:
-                update = from_layout(update if factored else update.reshape(layout.shape), layout, parameter.shape)
-            new = parameter.astype(dtype) * decay - step_size * update
-            results.append(new.astype(parameter.dtype))
-        return results
+        return Pg, active

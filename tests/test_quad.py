@@ -18,8 +18,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from optimizers import OptimConfig, build_optimizer
-from optimizers.quad import (QUAD, balance_ratio, factor_layout, lower_bound_norm, merge_dims_to_three,
-                             permutation, update_dense_side)
+from optimizers.quad import QUAD, balance_ratio, lower_bound_norm, update_dense_side
+from optimizers.quad_groups import factor_layout, merge_dims_to_three, permutation
 
 REFERENCE = np.load(Path(__file__).parent / "data" / "quad_reference.npz")
 TOLERANCES = json.loads(str(REFERENCE["tolerances_json"]))
@@ -516,6 +516,141 @@ def test_a_loaded_state_is_matched_to_the_parameters_by_path(tmp_path):
         moved.init({"a": mx.zeros((4, 5)), "b": params["b"]})
     with pytest.raises(KeyError, match="'c'"):
         optimizer.parameter_state("c")
+
+
+def compiled_run(optimizer, params, grads):
+    """``grads`` through one step compiled as ``main.Trainer`` compiles it (state as implicit inputs)."""
+    state = [optimizer.state]
+    step = mx.compile(lambda g, p: optimizer.apply_gradients(g, p), inputs=state, outputs=state)
+    for g in grads:
+        params = step(g, params)
+        mx.eval(params, state)
+    return params
+
+
+def assert_trees_equal(actual, expected):
+    """Same leaves (by path, in any order) and the same bits."""
+    actual, expected = dict(tree_flatten(actual)), dict(tree_flatten(expected))
+    assert actual.keys() == expected.keys()
+    for name, a in expected.items():
+        assert a.dtype == actual[name].dtype and mx.array_equal(a, actual[name]), name
+
+
+def as_dicts(tree):
+    """``tree`` with every list turned into a dict keyed "0", "1", ... (how some tools unflatten)."""
+    if isinstance(tree, dict):
+        return {k: as_dicts(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return {str(i): as_dicts(v) for i, v in enumerate(tree)}
+    return tree
+
+
+@pytest.mark.parametrize("saved_after, form", [(0, "lists"), (3, "lists"), (3, "dicts")])
+def test_a_compiled_step_right_after_assigning_a_saved_state_resumes_exactly(tmp_path, saved_after, form):
+    """Regression: the first compiled step after ``optimizer.state = loaded`` re-initialised inside the
+    trace and read the member ids there ("Attempting to eval an array during function transformations").
+    Resuming from a checkpoint (tree_flatten + safetensors, a fresh optimizer) now continues the
+    uninterrupted trajectory bit for bit, balancing included."""
+    rng = np.random.default_rng(5)
+    grads = [random_grads(small_tree(), rng) for _ in range(7)]
+    uninterrupted = QUAD(balance_every=2)
+    uninterrupted.init(small_tree())
+    expected = compiled_run(uninterrupted, small_tree(), grads)
+
+    first = QUAD(balance_every=2)
+    first.init(small_tree())
+    params = compiled_run(first, small_tree(), grads[:saved_after])
+    path = str(tmp_path / "state.safetensors")
+    mx.save_safetensors(path, dict(tree_flatten(first.state)))
+    loaded = tree_unflatten(list(mx.load(path).items()))
+    resumed = QUAD(balance_every=2)
+    resumed.state = as_dicts(loaded) if form == "dicts" else loaded
+    params = compiled_run(resumed, params, grads[saved_after:])
+    assert_trees_equal((params, resumed.state), (expected, uninterrupted.state))
+
+
+def test_the_pure_functional_compiled_pattern():
+    """mlx's ``test_compiled_optimizer`` pattern: the state passed into a compiled function, assigned to
+    ``optimizer.state`` there, the step taken and the state returned. It follows the implicit-state
+    compiled run exactly, and traces twice (the startup step, then every later step)."""
+    rng = np.random.default_rng(6)
+    grads = [random_grads(small_tree(), rng) for _ in range(5)]
+    reference = QUAD(balance_every=2)
+    reference.init(small_tree())
+    expected = compiled_run(reference, small_tree(), grads)
+
+    optimizer = QUAD(balance_every=2)
+    traces = []
+
+    @mx.compile
+    def pure_step(params, opt_state, g):
+        traces.append(1)
+        optimizer.state = opt_state
+        params = optimizer.apply_gradients(g, params)
+        return params, optimizer.state
+
+    optimizer.init(small_tree())
+    params, state = small_tree(), optimizer.state
+    for g in grads:
+        params, state = pure_step(params, state, g)
+        mx.eval(params, state)
+    assert len(traces) == 2
+    assert_trees_equal((params, state), (expected, reference.state))
+
+
+def test_a_state_of_unknown_rows_assigned_under_compile_is_an_error(tmp_path):
+    """Under mx.compile a state's member ids cannot be read: a fresh optimizer must be given a loaded
+    state outside the compiled function first (then the pure pattern works)."""
+    optimizer = QUAD()
+    optimizer.apply_gradients(random_grads(small_tree(), np.random.default_rng(0)), small_tree())
+    mx.eval(optimizer.state)
+    path = str(tmp_path / "state.safetensors")
+    mx.save_safetensors(path, dict(tree_flatten(optimizer.state)))
+    fresh = QUAD()
+
+    @mx.compile
+    def pure_step(params, opt_state, g):
+        fresh.state = opt_state
+        return fresh.apply_gradients(g, params), fresh.state
+    g = random_grads(small_tree(), np.random.default_rng(1))
+    with pytest.raises(ValueError, match="assign this state outside mx.compile"):
+        pure_step(small_tree(), tree_unflatten(list(mx.load(path).items())), g)
+    fresh.state = tree_unflatten(list(mx.load(path).items()))
+    params, _ = pure_step(small_tree(), fresh.state, g)
+    np.testing.assert_allclose(np.array(params["attn"]["wq"]),
+                               np.array(optimizer.apply_gradients(g, small_tree())["attn"]["wq"]), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("normalize_grads", [False, True])
+def test_a_zero_size_parameter_passes_through(normalize_grads):
+    """Regression: a (0, 4) parameter crashed the first update with normalize_grads=False (a max over
+    an empty axis). Like AdamW, QUAD returns it unchanged; it has no state and leaves the others'
+    updates as they are, eagerly, compiled and through mlx's per-parameter path."""
+    rng = np.random.default_rng(7)
+    grads = [random_grads(small_tree(), rng) for _ in range(3)]
+    empty = mx.zeros((0, 4))
+    expected = compiled_run(QUAD(normalize_grads=normalize_grads), small_tree(), grads)
+    for run in ("eager", "compiled", "apply_single"):
+        optimizer = QUAD(normalize_grads=normalize_grads)
+        params = {**small_tree(), "empty": empty}
+        with_empty = [{**g, "empty": mx.ones((0, 4))} for g in grads]
+        if run == "compiled":
+            optimizer.init(params)
+            params = compiled_run(optimizer, params, with_empty)
+        else:
+            if run == "apply_single":
+                optim.Optimizer.init(optimizer, params)  # per-parameter state (init_single)
+            for g in with_empty:
+                params = (optim.Optimizer.apply_gradients(optimizer, g, params) if run == "apply_single"
+                          else optimizer.apply_gradients(g, params))
+        mx.eval(params)
+        assert (params["empty"].shape, params["empty"].dtype) == ((0, 4), mx.float32), run
+        if run != "apply_single":
+            assert optimizer.parameter_state("empty") == {}
+            for (name, a), (_, b) in zip(tree_flatten(expected), tree_flatten({k: params[k] for k in expected})):
+                assert mx.array_equal(a, b), (run, name)
+    adamw = optim.AdamW(learning_rate=1e-2).apply_gradients({"empty": mx.ones((0, 4))}, {"empty": empty})
+    assert adamw["empty"].shape == (0, 4)
 
 
 def test_apply_single_is_the_per_parameter_update():
