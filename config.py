@@ -7,6 +7,8 @@ command line and the sweeps; one table names every knob (flag, config key, short
 import argparse
 import ast
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,19 +19,32 @@ from models import ModelConfig
 from optimizers import OptimConfig
 
 
+DEFAULT_EPOCHS = 150
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 512
-    epochs: int = 150
+    epochs: Optional[int] = None  # the budget in epochs (DEFAULT_EPOCHS when no budget is given) ...
+    steps: Optional[int] = None  # ... or in optimizer steps: one of the two
+    eval_every: Optional[int] = None  # optimizer steps between evaluations (None: after every epoch)
     early_stop_val_acc: Optional[float] = None  # stop once validation accuracy reaches this
     cpu: bool = False  # force MLX's CPU device (Linux wheels have no other)
 
     def __post_init__(self):
-        for key in ("batch_size", "epochs"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key}={getattr(self, key)} must be a positive integer")
+        for key in ("batch_size", "epochs", "steps", "eval_every"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{key}={value} must be a positive integer")
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError(f"train.epochs={self.epochs} and train.steps={self.steps}: give one budget, not both")
         if self.early_stop_val_acc is not None and not 0 < self.early_stop_val_acc <= 1:
             raise ValueError(f"train.early_stop_val_acc={self.early_stop_val_acc} must be in (0, 1]")
+
+    def resolved(self) -> "TrainConfig":
+        """The budget made explicit: ``DEFAULT_EPOCHS`` epochs when neither budget is set."""
+        unset = self.epochs is None and self.steps is None
+        return dataclasses.replace(self, epochs=DEFAULT_EPOCHS) if unset else self
 
 
 @dataclass(frozen=True)
@@ -42,7 +57,39 @@ class Config:
 
     def resolved(self) -> "Config":
         """The config with the optimizer's defaults filled in: what a run really used."""
-        return dataclasses.replace(self, optim=self.optim.resolved())
+        return dataclasses.replace(self, optim=self.optim.resolved(), train=self.train.resolved())
+
+
+# The papers' settings, by name: overrides through the same mechanism as every flag (a flag beside one wins).
+# Power et al. (2022), "Grokking: generalization beyond overfitting on small algorithmic datasets": a 2-layer,
+# width-128, 4-head transformer, AdamW (lr 1e-3, betas 0.9 / 0.98, 10 warm-up steps), batch min(512, train/2),
+# a budget of 10^6 steps; late grokking without weight decay, faster with weight decay 1.
+_POWER_2022 = {"data.op": "/", "data.p": 97, "data.train_fraction": 0.5, "model.dim": 128, "model.depth": 2,
+               "model.heads": 4, "model.dropout": 0.0, "optim.name": "adamw", "optim.lr": 1e-3,
+               "optim.beta1": 0.9, "optim.beta2": 0.98, "optim.warmup_steps": 10, "train.batch_size": 512,
+               "train.steps": 10 ** 6, "train.eval_every": 1000}
+PRESETS = {
+    "power2022-late": {**_POWER_2022, "optim.weight_decay": 0.0},
+    "power2022-wd": {**_POWER_2022, "optim.weight_decay": 1.0},
+}
+
+
+BUDGET_KEYS = ("train.epochs", "train.steps")
+
+
+def merge_overrides(base: dict, overrides: dict) -> dict:
+    """``base | overrides``, where a budget in ``overrides`` (epochs or steps) replaces either budget in ``base``."""
+    merged = dict(base)
+    if any(k in overrides for k in BUDGET_KEYS):
+        for key in BUDGET_KEYS:
+            merged.pop(key, None)
+    return {**merged, **overrides}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +125,8 @@ KNOBS = (
     Knob("optim.warmup_steps", "--warmup", "warmup", "warm-up steps"),
     Knob("train.batch_size", "--batch-size", "bs", "batch size", ("-b", "--batch_size")),
     Knob("train.epochs", "--epochs", "ep", "epoch budget", ("-e",)),
+    Knob("train.steps", "--steps", "st", "step budget"),
+    Knob("train.eval_every", "--eval-every", "ev", "steps between evaluations"),
     Knob("train.early_stop_val_acc", "--early-stop", "stop", "early stop (validation accuracy)"),
     Knob("train.cpu", "--cpu", "cpu", "CPU device"),
     Knob("seed", "--seed", "s", "seed"),
@@ -164,6 +213,12 @@ def flatten_dict(d: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
+
+
+def config_hash(cfg: Config, length: int = 8) -> str:
+    """Short hash of the full resolved config: the identity of a run."""
+    text = json.dumps(dataclasses.asdict(cfg.resolved()), sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
 
 
 def config_from_dict(d: dict) -> Config:

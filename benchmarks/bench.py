@@ -150,7 +150,7 @@ def time_epochs(trainers: dict, split, repeats: int, batch_size: int) -> dict:
         for name, trainer in trainers.items():
             order = mx.array(rng.permutation(len(y_train)))
             tick = time.perf_counter()
-            mx.eval(trainer.epoch(x_train, y_train, order, batch_size))
+            mx.eval(trainer.steps(x_train, y_train, order, batch_size))
             tock = time.perf_counter()
             mx.eval(evaluators[name]())
             if round_:

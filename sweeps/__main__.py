@@ -9,6 +9,7 @@ from sweeps import results
 from sweeps.executors import LocalPool
 from sweeps.runner import run_sweep
 from sweeps.spec import apply_axes, default_spec, expand, uses
+from training.checkpoints import Interval
 
 COMMANDS = ("optimizers", "architecture", "table", "plot")
 DEFAULT_OUT = {"optimizers": "runs/optimizers", "architecture": "runs/architecture"}
@@ -35,6 +36,9 @@ def sweep_parser(kind: str) -> ArgumentParser:
         parser.add_argument("--from-results", metavar="DIR", default=None,
                             help="take each optimizer's best configuration from an optimizer sweep's directory")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (default: 1)")
+    parser.add_argument("--checkpoint-every", default="10", metavar="INTERVAL",
+                        help="each run's checkpoints: N (epochs), Nsteps, log:N or off (default: %(default)s); "
+                             "a killed run continues from its latest")
     parser.add_argument("--out", default=DEFAULT_OUT[kind], help="sweep directory (default: %(default)s)")
     parser.add_argument("--media", default=None,
                         help=f"figure directory (default: {DEFAULT_MEDIA}/ with the default --out, else OUT/media)")
@@ -50,7 +54,8 @@ def parse_sweep_args(kind: str, argv: list) -> tuple:
     given = {key: text for key, text in vars(args).items() if text is not None and (key == "seed" or "." in key)}
     axes = {key: parse_list((PLURAL.get(key) or (KNOB[key].flag,))[0], text) for key, text in given.items()}
     axes.update({key: parse_list(f"--{key}", text) for key, text in parse_dotted(rest).items()})
-    executor = LocalPool(args.workers)
+    Interval.parse(args.checkpoint_every, "--checkpoint-every")
+    executor = LocalPool(args.workers, args.checkpoint_every)
     spec = default_spec(kind)
     if getattr(args, "from_results", None):
         best = results.best_from_results(Path(args.from_results))

@@ -33,19 +33,20 @@ def worker_env(threads: int) -> dict:
 
 
 def prepare(run, run_dir: Path) -> None:
-    """Make ``run_dir`` an unfinished run of ``run``: its config written, no summary."""
+    """Make ``run_dir`` an unfinished run of ``run``: its config written, no summary (a checkpoint stays)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / SUMMARY).unlink(missing_ok=True)
     write_json_atomic(run_dir / CONFIG, dataclasses.asdict(run.config))
 
 
 class LocalPool:
-    """Up to ``workers`` worker processes at once, each with ``cores // workers`` BLAS threads."""
+    """Up to ``workers`` worker processes at once, each with ``cores // workers`` BLAS threads; each run keeps
+    a checkpoint every ``checkpoint_every`` (text as ``checkpoints.Interval.parse`` reads it)."""
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, checkpoint_every: str = "10"):
         if workers < 1:
             raise ValueError(f"--workers={workers} must be >= 1")
-        self.workers = workers
+        self.workers, self.checkpoint_every = workers, checkpoint_every
 
     def describe(self) -> str:
         return f"{self.workers} worker(s), {max(1, cpu_count() // self.workers)} BLAS thread(s) each"
@@ -61,7 +62,8 @@ class LocalPool:
                     run, d = pending.popleft()
                     prepare(run, d)
                     with open(d / "log.txt", "w") as log:
-                        proc = subprocess.Popen([sys.executable, "-m", "sweeps.worker", str(d.resolve()), run.hash],
+                        proc = subprocess.Popen([sys.executable, "-m", "sweeps.worker", str(d.resolve()), run.hash,
+                                                 self.checkpoint_every],
                                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                 env=env, cwd=REPO)
                     running[proc] = (run, d, time.perf_counter())

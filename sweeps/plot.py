@@ -19,7 +19,7 @@ from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 from config import label, short_name  # noqa: E402
 from optimizers import KNOB_FIELDS  # noqa: E402
-from plot import TRAIN_COLOR, VAL_COLOR  # noqa: E402  (shared with the single-run figure)
+from plot import TRAIN_COLOR, VAL_COLOR, log_steps, nan_if_none, percent, x_values  # noqa: E402
 from sweeps.results import best_points, group_points, load_rows, point_key, summarize  # noqa: E402
 from training.rundir import read_metrics  # noqa: E402
 
@@ -135,16 +135,18 @@ def plot_heatmap(ax, rows: list[dict], x: str = "optim.weight_decay", y: str = "
 def plot_curves(acc_ax, loss_ax, runs: dict, target: float = None) -> None:
     """Train and validation accuracy (``acc_ax``) and loss (``loss_ax``) against epoch; ``runs`` maps a
     label (the seed) to its metrics rows. One thin line per seed."""
+    log = log_steps(list(runs.values()))
     for n, (name, metrics) in enumerate(sorted(runs.items())):
-        epochs = [r["epoch"] for r in metrics]
+        xs, xlabel = x_values(metrics, log)
         for key, text, color in (("train", "train", TRAIN_COLOR), ("val", "validation", VAL_COLOR)):
             kw = dict(color=color, lw=1.5, alpha=0.85, label=text if n == 0 else None)
-            acc_ax.plot(epochs, [100 * r[f"{key}_acc"] for r in metrics], **kw)
-            loss_ax.plot(epochs, [r[f"{key}_loss"] for r in metrics], **kw)
+            acc_ax.plot(xs, [percent(r[f"{key}_acc"]) for r in metrics], **kw)
+            loss_ax.plot(xs, [nan_if_none(r[f"{key}_loss"]) for r in metrics], **kw)
     if target is not None:
         acc_ax.axhline(100 * target, color="0.4", ls="--", lw=1, label=f"target {100 * target:g}%")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(-2, 102))
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log")
+    scale = "log" if log else "linear"
+    acc_ax.set(xlabel=xlabel, ylabel="accuracy (%)", ylim=(-2, 102), xscale=scale)
+    loss_ax.set(xlabel=xlabel, ylabel="cross-entropy loss", yscale="log", xscale=scale)
     acc_ax.legend(loc="lower right", fontsize=8)
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.25)
@@ -174,7 +176,11 @@ def varying(rows: list[dict], exclude=()) -> list:
 def setting(rows: list[dict]) -> str:
     r = rows[0]
     return (f"a {r['data.op']} b mod {r['data.p']}, train fraction {r['data.train_fraction']:g}, "
-            f"budget {r['train.epochs']} epochs")
+            f"budget {budget_text(r)}")
+
+
+def budget_text(row: dict) -> str:
+    return f"{row['train.epochs']} epochs" if row.get("train.epochs") else f"{row.get('train.steps')} steps"
 
 
 def optimizer_figures(out: Path, rows: list[dict], media: Path, colors: dict) -> list[Path]:
@@ -184,6 +190,7 @@ def optimizer_figures(out: Path, rows: list[dict], media: Path, colors: dict) ->
     groups = group_points(rows)
     best = best_points(points)
     compare_fig, compare_axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    best_curves = []
     for name, point in sorted(best.items()):
         runs = groups[point_key(point)]
         curves = {f"seed {r['seed']}": read_metrics(out / "runs" / r["run"]) for r in runs}
@@ -200,8 +207,11 @@ def optimizer_figures(out: Path, rows: list[dict], media: Path, colors: dict) ->
         saved.append(save(fig, media / f"best_{name}.png"))
         for n, (seed, metrics) in enumerate(sorted(curves.items())):
             kw = dict(color=colors[name], lw=1.5, alpha=0.85, label=name if n == 0 else None)
-            compare_axes[0].plot([m["epoch"] for m in metrics], [100 * m["val_acc"] for m in metrics], **kw)
-            compare_axes[1].plot([m["step"] for m in metrics], [100 * m["val_acc"] for m in metrics], **kw)
+            compare_axes[0].plot([m["epoch"] for m in metrics], [percent(m["val_acc"]) for m in metrics], **kw)
+            compare_axes[1].plot([m["step"] for m in metrics], [percent(m["val_acc"]) for m in metrics], **kw)
+        best_curves += curves.values()
+    if log_steps(best_curves):
+        compare_axes[1].set_xscale("log")
     for ax, unit in zip(compare_axes, ("epoch", "optimizer step")):
         ax.set(xlabel=unit, ylabel="validation accuracy (%)", ylim=(-2, 102))
         ax.grid(alpha=0.25)

@@ -18,16 +18,18 @@ from pathlib import Path
 
 from sweeps.results import ResultsTable, best_points, describe, existing_runs, summarize
 from sweeps.spec import Run, Spec, expand
+from training.checkpoints import checkpoint_dirs
 from training.rundir import is_finished, write_json_atomic
 
 
 def plan(runs: list[Run], out: Path) -> list[tuple[Run, Path, str]]:
-    """``(run, directory, status)`` with status "done", "redo" (unfinished directory) or "new"."""
+    """``(run, directory, status)`` with status "done", "resume" (unfinished, with a checkpoint), "redo"
+    (unfinished, none) or "new"."""
     found = existing_runs(out)
     rows = []
     for run in runs:
         d = found.get(run.hash, Path(out) / "runs" / run.name)
-        status = "done" if is_finished(d) else "redo" if d.exists() else "new"
+        status = ("done" if is_finished(d) else "resume" if checkpoint_dirs(d) else "redo" if d.exists() else "new")
         rows.append((run, d, status))
     return rows
 
@@ -64,13 +66,14 @@ def run_sweep(spec: Spec, out: Path, executor, dry_run: bool = False, argv=None)
     runs = expand(spec)
     out = Path(out)
     rows = plan(runs, out)
-    counts = {s: sum(1 for _, _, status in rows if status == s) for s in ("done", "redo", "new")}
+    counts = {s: sum(1 for _, _, status in rows if status == s) for s in ("done", "resume", "redo", "new")}
     per_optimizer = ", ".join(f"{n}: {sum(1 for r in runs if r.config.optim.name == n)}" for n in spec.optimizers)
     header = (f"{spec.kind} sweep in {out}: {len(runs)} runs ({per_optimizer}; seeds {spec.seeds}); "
-              f"{counts['done']} done (skipped), {counts['redo']} unfinished (redo), {counts['new']} new")
+              f"{counts['done']} done (skipped), {counts['resume']} unfinished (resume from a checkpoint), "
+              f"{counts['redo']} unfinished (redo), {counts['new']} new")
     if dry_run:
         for run, d, status in rows:
-            print(f"{status:5} {d.name}")
+            print(f"{status:6} {d.name}")
         print(header)
         return 0
     (out / "runs").mkdir(parents=True, exist_ok=True)

@@ -4,13 +4,11 @@ A run is identified by the hash of its full resolved config; its directory name 
 for people (``adamw_lr0.003_wd0.3_s0-1a2b3c4d``).
 """
 import dataclasses
-import hashlib
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 
-from config import Config, flatten, override, short_name
+from config import Config, config_hash, flatten, override, short_name
 from optimizers import KNOB_FIELDS, OPTIMIZERS
 
 HASH_LEN = 8
@@ -148,12 +146,6 @@ class Run:
     config: Config  # resolved
 
 
-def config_hash(cfg: Config) -> str:
-    """Short hash of the full resolved config: the identity of a run."""
-    text = json.dumps(dataclasses.asdict(cfg.resolved()), sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:HASH_LEN]
-
-
 def format_value(key: str, value) -> str:
     if key == "data.op":
         return OP_NAMES.get(value, str(value))
@@ -194,7 +186,7 @@ def expand(spec: Spec) -> list[Run]:
                 except ValueError as error:
                     where = ", ".join(f"{k}={v!r}" for k, v in point.items())
                     raise ValueError(f"{error} (in run {where}, seed={seed})") from None
-                digest = config_hash(cfg)
+                digest = config_hash(cfg, HASH_LEN)
                 if digest not in seen:
                     seen.add(digest)
                     runs.append(Run(run_name(cfg, keys, digest), digest, cfg))

@@ -151,7 +151,7 @@ def test_fast_trainer_follows_the_plain_trainer_without_dropout():
     order = mx.array(np.random.default_rng(1).permutation(len(y_train)))
     results = []
     for trainer in (FastTrainer(cfg), plain.Trainer(cfg)):
-        losses = [trainer.epoch(x_train, y_train, order, 32)[0].item() for _ in range(3)]
+        losses = [trainer.steps(x_train, y_train, order, 32)[0].item() for _ in range(3)]
         results.append((losses, [v.item() for v in trainer.evaluator(x_val, y_val)()]))
     (fast_losses, fast_eval), (plain_losses, plain_eval) = results
     assert fast_losses == pytest.approx(plain_losses, rel=1e-4)
@@ -195,13 +195,13 @@ def test_evaluation_on_streams_and_shared_prefixes_equals_the_plain_evaluation(m
 
 
 def test_an_epoch_equals_its_steps_one_by_one():
-    """``FastTrainer.epoch`` draws each batch's masks a step ahead (on a stream of their own): same result."""
+    """``FastTrainer.steps`` draws each batch's masks a step ahead (on a stream of their own): same result."""
     cfg = override(Config(), {**SMALL, "data.p": 23}).resolved()
     x_train, y_train, _, _ = map(mx.array, data.split(cfg.data, np.random.default_rng(0)))
     order = mx.array(np.random.default_rng(1).permutation(len(y_train))[:80])  # batches of 32, 32, 16
     by_epoch, by_step = FastTrainer(cfg), FastTrainer(cfg)
     mx.random.seed(5)
-    loss, correct = by_epoch.epoch(x_train, y_train, order, cfg.train.batch_size)
+    loss, correct = by_epoch.steps(x_train, y_train, order, cfg.train.batch_size)
     mx.eval(by_epoch.state, loss, correct)
     mx.random.seed(5)
     totals = [by_step.step(x_train[order[i:i + 32]], y_train[order[i:i + 32]]) for i in range(0, 80, 32)]

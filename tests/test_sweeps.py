@@ -216,7 +216,8 @@ def test_second_invocation_skips_every_finished_run(swept):
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
     second = subprocess.run(argv + ["--no-plot"], cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
-    assert f"{n} done (skipped), 0 unfinished (redo), 0 new" in second.stdout and "running 0" in second.stdout
+    assert f"{n} done (skipped), 0 unfinished (resume from a checkpoint), 0 unfinished (redo), 0 new" in second.stdout
+    assert "running 0" in second.stdout
     assert before == {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
 
 
@@ -224,12 +225,14 @@ def test_killed_run_is_redone_and_counted_once(swept, capsys):
     out, argv, _, n = swept
     victim = sorted((out / "runs").iterdir())[0]
     (victim / "summary.json").unlink()  # killed mid-way: config.json and a partial metrics file only
+    shutil.rmtree(victim / "checkpoints")  # before its first checkpoint
     (victim / "metrics.jsonl").rename(victim / "metrics.jsonl.partial")
     assert len(results.rebuild_table(out)) == n - 1  # never counted while unfinished
     cli = argv[argv.index("optimizers"):]
     assert main_cli(cli + ["--dry-run"]) == 0
     listing = capsys.readouterr().out
-    assert f"redo  {victim.name}" in listing and f"{n - 1} done (skipped), 1 unfinished (redo)" in listing
+    assert f"redo   {victim.name}" in listing
+    assert f"{n - 1} done (skipped), 0 unfinished (resume from a checkpoint), 1 unfinished (redo)" in listing
     assert main_cli(cli + ["--no-plot"]) == 0
     assert (victim / "summary.json").exists() and (victim / "metrics.jsonl").exists()
     rows = results.read_table(out / "results.csv")

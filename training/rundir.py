@@ -7,9 +7,9 @@
 Every file is written atomically (a temporary file, then ``os.replace``): readers see all or nothing.
 """
 import json
+import math
 import os
 from pathlib import Path
-from typing import Optional
 
 CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
 PARTIAL = METRICS + ".partial"
@@ -39,20 +39,55 @@ def is_finished(run_dir) -> bool:
     return (Path(run_dir) / SUMMARY).exists()
 
 
-def first_reaching(metrics: list[dict], threshold: float) -> tuple[Optional[int], Optional[int]]:
-    """``(epoch, step)`` of the first evaluation with ``val_acc >= threshold``, or ``(None, None)``."""
+def reached(row: dict, threshold: float) -> bool:
+    return row["val_acc"] is not None and row["val_acc"] >= threshold
+
+
+def first_reaching(metrics: list[dict], threshold: float) -> tuple:
+    """``(epoch, step)`` of the first evaluation with ``val_acc >= threshold``, or ``(None, None)``. A target
+    crossed between two evaluations is reported at the first evaluation that sees it."""
     for row in metrics:
-        if row["val_acc"] >= threshold:
+        if reached(row, threshold):
             return row["epoch"], row["step"]
     return None, None
 
 
-class MetricsWriter:
-    """Appends metric rows to ``metrics.jsonl.partial``; ``finish`` renames it to ``metrics.jsonl``."""
+def sustained_reaching(metrics: list[dict], threshold: float) -> tuple:
+    """``(epoch, step)`` of the first evaluation from which ``val_acc`` stays ``>= threshold`` to the end, or
+    ``(None, None)`` when the last one is below."""
+    first = (None, None)
+    for row in reversed(metrics):
+        if not reached(row, threshold):
+            break
+        first = (row["epoch"], row["step"])
+    return first
 
-    def __init__(self, run_dir: Path):
+
+def finite_row(row: dict) -> dict:
+    """``row`` with every non-finite number as None: JSON has no NaN or Infinity."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def parse_row(line: str) -> dict:
+    """One line of ``metrics.jsonl``; ValueError when it is not a whole JSON object (a line cut by a kill)."""
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise ValueError(f"not a metrics row: {line[:40]!r}")
+    return row
+
+
+class MetricsWriter:
+    """Appends metric rows to ``metrics.jsonl.partial``, after ``rows`` already written (a resumed run);
+    ``finish`` renames it to ``metrics.jsonl``."""
+
+    def __init__(self, run_dir: Path, rows=()):
         self.run_dir = Path(run_dir)
-        self.file = open(self.run_dir / PARTIAL, "w")
+        tmp = self.run_dir / (PARTIAL + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(tmp, self.run_dir / PARTIAL)
+        (self.run_dir / METRICS).unlink(missing_ok=True)
+        self.file = open(self.run_dir / PARTIAL, "a")
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")

@@ -11,6 +11,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_unflatten
 
 import models
 from config import Config
@@ -25,7 +26,7 @@ def loss_and_correct(logits: mx.array, y: mx.array):
 
 
 class Trainer:
-    """``step`` / ``epoch`` train; ``evaluator(x, y)()`` evaluates; every result is a lazy array."""
+    """``step`` / ``steps`` train; ``evaluator(x, y)()`` evaluates; every result is a lazy array."""
 
     def __init__(self, cfg: Config, optimizer: Optional[optim.Optimizer] = None):
         """``optimizer``: use this one instead of building ``cfg.optim`` (tests)."""
@@ -58,16 +59,22 @@ class Trainer:
         """One optimizer step on the batch ``(x, y)``: its summed loss and correct count."""
         return self._step(x, y)
 
-    def epoch(self, x, y, order: mx.array, batch_size: int):
-        """One step per batch of ``(x, y)`` rows taken in ``order``: the summed loss and correct count.
-        Steps are queued, not waited for: metrics are read once per epoch."""
-        loss_sum, correct_sum = mx.array(0.0), mx.array(0)
+    def steps(self, x, y, order: mx.array, batch_size: int, totals=None):
+        """One step per batch of ``(x, y)`` rows taken in ``order``: ``totals`` (the summed loss and correct
+        count so far, default zero) plus theirs. Steps are queued, not waited for."""
+        loss_sum, correct_sum = totals or (mx.array(0.0), mx.array(0))
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             loss, correct = self.step(x[idx], y[idx])
             loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
             mx.async_eval(self.state, loss_sum, correct_sum)
         return loss_sum, correct_sum
+
+    def load_state(self, parameters: dict, optimizer_state: dict) -> None:
+        """Continue from saved ``parameters`` (flat, by name) and ``optimizer_state`` (a tree)."""
+        self.model.update(tree_unflatten(list(parameters.items())))
+        self.optimizer.state = optimizer_state
+        self.state[1] = self.optimizer.state  # the compiled step reads the state through this list
 
     @contextlib.contextmanager
     def eval_mode(self):

@@ -140,8 +140,8 @@ class FastTrainer(Trainer):
         # The masks are drawn outside the compiled step, so that both halves share the whole batch's masks.
         return self._fast_step(x, y, self.fast.dropout_masks(*x.shape))
 
-    def epoch(self, x, y, order: mx.array, batch_size: int):
-        loss_sum, correct_sum = mx.array(0.0), mx.array(0)
+    def steps(self, x, y, order: mx.array, batch_size: int, totals=None):
+        loss_sum, correct_sum = totals or (mx.array(0.0), mx.array(0))
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         masks = self._draw_masks(len(batches[0]), x.shape[1])
         for i, idx in enumerate(batches):
