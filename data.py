@@ -1,9 +1,19 @@
 """Modular arithmetic data: every pair ``(a, b)`` of ``a ∘ b mod p`` as tokens ``[a, op, b, =]``."""
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 OPERATIONS = ("+", "-", "*", "/")
+BYTES_PER_EXAMPLE = 100  # the peak while the dataset is built (int64 pairs, labels, tokens) and split
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory (16 GiB when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
 
 
 def is_prime(n: int) -> bool:
@@ -23,6 +33,11 @@ class DataConfig:
             raise ValueError(f"data.p={self.p} must be >= 2")
         if self.op == "/" and not is_prime(self.p):
             raise ValueError(f"data.p={self.p} must be prime for op '/' (division uses Fermat's little theorem)")
+        need, have = self.num_examples * BYTES_PER_EXAMPLE, memory_bytes()
+        if need > have // 2:
+            raise ValueError(f"data.p={self.p} makes {self.num_examples:,} examples, about {need / 2**30:.1f} GiB to "
+                             f"build; this machine has {have / 2**30:.1f} GiB (at most {have // 2 // BYTES_PER_EXAMPLE:,} "
+                             f"examples)")
         if not 0 < self.train_fraction < 1:
             raise ValueError(f"data.train_fraction={self.train_fraction} must be in (0, 1)")
         n_train = int(self.train_fraction * self.num_examples)

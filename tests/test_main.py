@@ -178,3 +178,62 @@ def test_main_writes_figures_and_plot_entry_point_redraws_them(tmp_path):
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert fig.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets in steps, evaluation intervals, presets, the figure's step axis
+
+def test_a_step_budget_ends_at_exactly_that_step_with_evaluations_every_k_steps(tmp_path):
+    cfg = override(Config(), TINY | {"data.p": 11, "train.epochs": None, "train.steps": 26,
+                                     "train.eval_every": 4})  # 60 training rows, batch 16: 4 steps per epoch
+    summary = train(cfg, tmp_path, progress=False)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24, 26]  # the budget's end is evaluated too
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6, 6.5]
+    assert summary["steps_run"] == 26 and not summary["early_stopped"]
+    cfg = override(Config(), TINY | {"data.p": 11, "train.epochs": 2, "train.eval_every": 3})
+    assert [r["step"] for r in (train(cfg, tmp_path, progress=False), read_metrics(tmp_path))[1]] == [3, 6, 8]
+
+
+def test_summary_records_several_thresholds_and_the_sustained_time(tmp_path):
+    summary = train(override(Config(), GROKS | {"train.early_stop_val_acc": None, "train.epochs": 120}), tmp_path,
+                    progress=False)
+    rows = read_metrics(tmp_path)
+    for percent in (90, 95, 99):
+        first = next((r for r in rows if r["val_acc"] >= percent / 100), None)
+        assert summary[f"steps_to_{percent}"] == (first and first["step"])
+    sustained = next(r for i, r in enumerate(rows) if all(x["val_acc"] >= 0.95 for x in rows[i:]))
+    assert (summary["epochs_sustained_95"], summary["steps_sustained_95"]) == (sustained["epoch"], sustained["step"])
+    assert summary["steps_sustained_95"] >= summary["steps_to_95"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "5", "--steps", "100"], "train.epochs=5 and train.steps=100: give one budget, not both"),
+    (["--steps", "0"], "train.steps=0 must be a positive integer"),
+    (["--eval-every", "-5"], "train.eval_every=-5 must be a positive integer"),
+    (["--preset", "power2099"], "unknown preset 'power2099'; choose from power2022-late, power2022-wd"),
+    (["--checkpoint-every", "often"], "--checkpoint-every='often' must be N (epochs), Nsteps or log:N"),
+    (["--p", "100003", "--op", "+"], "data.p=100003 makes 10,000,600,009 examples"),
+])
+def test_bad_budgets_presets_and_intervals_fail_in_one_line(tmp_path, capsys, argv, message):
+    assert main.main(argv + ["--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_presets_apply_and_a_flag_beside_one_wins():
+    cfg, _ = parse_args(["--preset", "power2022-late"])
+    assert (cfg.optim.weight_decay, cfg.optim.lr, cfg.train.steps, cfg.train.epochs, cfg.model.heads) == \
+        (0.0, 1e-3, 10 ** 6, None, 4)
+    cfg, _ = parse_args(["--preset", "power2022-wd", "--steps", "2000", "--lr", "3e-4"])
+    assert (cfg.optim.weight_decay, cfg.optim.lr, cfg.train.steps) == (1.0, 3e-4, 2000)
+    cfg, _ = parse_args(["--preset", "power2022-late", "--epochs", "3"])  # a budget flag replaces the preset's
+    assert (cfg.train.epochs, cfg.train.steps) == (3, None)
+
+
+def test_the_figure_uses_a_log_step_axis_when_a_run_spans_more_than_two_decades():
+    import plot
+    rows = lambda steps: [{"step": s, "epoch": s / 10} for s in steps]
+    assert plot.log_steps([rows([100, 1000, 100_000])]) and not plot.log_steps([rows([10, 500, 1000])])
+    assert plot.log_steps([rows([10, 20])], "log") and not plot.log_steps([rows([1, 10 ** 6])], "linear")

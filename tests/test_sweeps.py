@@ -14,13 +14,14 @@ from mlx.utils import tree_flatten
 
 import data
 import models
-from config import Config, flatten, override
+from config import Config, flatten, flatten_dict, override
 from optimizers import OPTIMIZERS
 from sweeps import executors, results, spec as spec_module
 from sweeps.__main__ import main_cli, parse_sweep_args
 from sweeps.results import summarize
 from sweeps.spec import Spec, apply_axes, default_spec, expand
 from training.loop import train
+from training.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--p", "7", "--op", "+", "--dim", "16", "--depth", "1", "--batch-size", "32", "--epochs", "3"]
@@ -356,3 +357,27 @@ def test_same_seed_gives_every_optimizer_the_same_initial_weights_and_split(monk
     other = inits[-1]  # seed 1
     assert not all(np.array_equal(other[k], inits[0][k]) for k in other)
     assert not all(np.array_equal(a, b) for a, b in zip(splits[-1], splits[0]))
+
+
+def test_a_killed_sweep_run_resumes_from_its_checkpoint_without_recomputing_earlier_epochs(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["optimizers", "--p", "11", "--op", "+", "--dim", "16", "--depth", "1", "--batch-size", "16",
+            "--epochs", "8", "--optimizers", "adamw", "--lr", "1e-3", "--weight-decay", "0.1", "--seeds", "0",
+            "--checkpoint-every", "2", "--no-plot", "--out", str(out)]
+    assert main_cli(argv) == 0
+    (run_dir,) = (out / "runs").iterdir()
+    reference = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in read_metrics(run_dir)]
+    config = json.loads((run_dir / "config.json").read_text())
+    killed = subprocess.run([sys.executable, str(ROOT / "tests" / "harness" / "killed_run.py"),
+                             json.dumps({k: v for k, v in flatten_dict(config).items()}), str(run_dir), "steps:6",
+                             "2"], cwd=ROOT, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    before = [json.loads(line) for line in (run_dir / "metrics.jsonl.partial").read_text().splitlines()]
+    assert len(before) == 5  # epochs 1-5 evaluated; the last checkpoint is at epoch 4
+    capsys.readouterr()
+    assert main_cli(argv) == 0
+    assert "1 unfinished (resume from a checkpoint)" in capsys.readouterr().out
+    after = read_metrics(run_dir)
+    assert [{k: v for k, v in r.items() if k != "elapsed_s"} for r in after] == reference
+    assert [r["elapsed_s"] for r in after[:4]] == [r["elapsed_s"] for r in before[:4]]  # not recomputed
+    assert after[4]["elapsed_s"] != before[4]["elapsed_s"]  # epoch 5: after the checkpoint, trained again
