@@ -175,8 +175,8 @@ def run(argv=None) -> int:
     layout = f"{len(reference.streams)} CPU streams x 1 BLAS thread" if fast else "1 stream"
     print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, {layout}, load average {os.getloadavg()[0]:.2f}")
 
-    training, evaluation = train_work(cfg, reference, np.asarray(split[0])), eval_work(reference, np.asarray(split[2]))
-    step_flops = sum(flops(shapes, True) for _, shapes in training) / steps
+    training_work, evaluation = train_work(cfg, reference, np.asarray(split[0])), eval_work(reference, np.asarray(split[2]))
+    step_flops = sum(flops(shapes, True) for _, shapes in training_work) / steps
     eval_flops = sum(flops(shapes, False) for _, shapes in evaluation)
     with reference.eval_mode():
         whole_eval_flops = flops(linear_shapes(reference.fast if fast else reference.model, split[2]), False)
@@ -185,7 +185,7 @@ def run(argv=None) -> int:
           f"sharing prefixes)")
 
     with reference.running():
-        floor_step = gemm_floor(training, reference, True) / steps
+        floor_step = gemm_floor(training_work, reference, True) / steps
         floor_eval = gemm_floor(evaluation, reference, False)
         print(f"GEMM floor: {1e3 * floor_step:.1f} ms per step ({step_flops / floor_step / 1e9:.0f} GFLOP/s), "
               f"{1e3 * floor_eval:.1f} ms per evaluation ({eval_flops / floor_eval / 1e9:.0f} GFLOP/s)")
