@@ -52,20 +52,24 @@ def gini(values: np.ndarray) -> float:
     return float(2 * ((2 * np.arange(K) - K + 1) * v).sum() / (2 * K * total))
 
 
-def key_frequencies(norms: np.ndarray, coverage: float, max_key: int) -> tuple[list[int], float]:
-    """The key-frequency rule: frequencies (``norms[k−1]`` belongs to ``k``) taken in order of decreasing
-    squared norm until their share of the total squared norm reaches ``coverage``, at most ``max_key``.
+def key_frequencies(norms: np.ndarray, factor: float, max_key: int) -> tuple[list[int], float]:
+    """The key-frequency rule: the frequencies whose norm exceeds ``factor`` times the median norm over all
+    frequencies (``norms[k−1]`` belongs to ``k``) and 1e-6 times the largest, the largest first, at most
+    ``max_key``.
 
-    Returns the frequencies, ascending, and the share they cover.
+    A trained embedding has a few peaks over a flat floor of leftovers, and the median sits on the floor
+    (while fewer than half the frequencies are peaks); a spectrum with no peaks (an untrained model)
+    gives none. Returns the frequencies, ascending, and their share of the total squared norm.
     """
-    energy = np.asarray(norms, dtype=np.float64) ** 2
-    total = energy.sum()
+    norms = np.asarray(norms, dtype=np.float64)
+    total = (norms ** 2).sum()
     if total == 0:
         return [], 0.0
-    order = np.argsort(-energy, kind="stable")
-    share = np.cumsum(energy[order]) / total
-    count = min(int(np.searchsorted(share, coverage - 1e-12)) + 1, max_key, len(order))
-    return sorted(int(k) + 1 for k in order[:count]), float(share[count - 1])
+    order = np.argsort(-norms, kind="stable")
+    # (the second bound ignores rounding noise when the floor is exactly 0)
+    floor = max(factor * np.median(norms), 1e-6 * norms.max())
+    chosen = [int(k) for k in order[:max_key] if norms[k] > floor]
+    return sorted(k + 1 for k in chosen), float((norms[chosen] ** 2).sum() / total)
 
 
 def answer_means(logits: np.ndarray, z: np.ndarray, n: int) -> np.ndarray:

@@ -87,6 +87,12 @@ def first_epoch(rows: list[dict], key: str, test) -> int | None:
     return next((r["epoch"] for r in rows if r.get(key) is not None and test(r[key])), None)
 
 
+def extreme(rows: list[dict], key: str, pick) -> int | None:
+    """The epoch of the row where ``key`` is smallest (``pick=min``) or largest (``max``); None for no rows."""
+    rows = [r for r in rows if r.get(key) is not None]
+    return pick(rows, key=lambda r: r[key])["epoch"] if rows else None
+
+
 def write_atomic(path: Path, text: str):
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
     tmp = path.with_name(path.name + ".tmp")
@@ -94,18 +100,18 @@ def write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def analyse_run(run_dir, coverage: float = 0.7, max_key: int = 8, level: float = 0.1, chunk: int = 4096,
+def analyse_run(run_dir, factor: float = 2.0, max_key: int = 8, level: float = 0.5, chunk: int = 4096,
                 figures: bool = True) -> dict:
     """Measure every snapshot of ``run_dir`` and write ``analysis.jsonl``, ``analysis.json`` and (with
     ``figures``) the figures there. Returns the summary (``analysis.json``).
 
     Key frequencies: from the last snapshot's embedding Fourier norms, by ``fourier.key_frequencies``
-    (decreasing squared norm until ``coverage`` of the total is covered, at most ``max_key``). ``level``:
-    the loss level whose first crossing is reported for the restricted loss and the validation loss.
+    (norms above ``factor`` × their median, largest first, at most ``max_key``). ``level``: the loss level
+    whose first crossing is reported for the restricted loss and for the validation loss.
     """
-    if not 0 < coverage <= 1 or max_key < 1 or chunk < 1 or level <= 0:
-        raise AnalysisError(f"need 0 < coverage <= 1, max_key >= 1, chunk >= 1, level > 0 "
-                            f"(got {coverage}, {max_key}, {chunk}, {level})")
+    if not factor >= 1 or max_key < 1 or chunk < 1 or not level > 0:
+        raise AnalysisError(f"need factor >= 1, max_key >= 1, chunk >= 1, level > 0 "
+                            f"(got factor={factor}, max_key={max_key}, chunk={chunk}, level={level})")
     start = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -125,7 +131,7 @@ def analyse_run(run_dir, coverage: float = 0.7, max_key: int = 8, level: float =
     if EMBEDDING not in last:
         raise AnalysisError(f"{snapshots[-1][1]} has no parameter {EMBEDDING!r}")
     embed_norms = weight_measures({k: np.array(v) for k, v in last.items()}, group)["embed_norms"]
-    key_freqs, covered = fourier.key_frequencies(embed_norms, coverage, max_key)
+    key_freqs, share = fourier.key_frequencies(embed_norms, factor, max_key)
 
     model = models.Transformer(model_cfg, data_cfg.vocab_size)
     model.eval()
@@ -143,10 +149,11 @@ def analyse_run(run_dir, coverage: float = 0.7, max_key: int = 8, level: float =
         rows.append(snapshot_row(epoch, step, {k: np.array(v) for k, v in arrays.items()}, logits, grid, key_freqs))
     write_atomic(run_dir / "analysis.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
-    top_logit, _ = fourier.key_frequencies(np.array(rows[-1]["logit_amplitudes"]), coverage, max_key)
+    top_logit, _ = fourier.key_frequencies(np.array(rows[-1]["logit_amplitudes"]), factor, max_key)
     scalars = [k for k in ROW_KEYS if not isinstance(rows[-1][k], list)]
     timed = [r for r in rows if r["epoch"] is not None]
-    peak = lambda key: max(timed, key=lambda r: r[key])["epoch"] if timed else None
+    train99 = first_epoch(metrics, "train_acc", lambda v: v >= 0.99)
+    after_memorising = [] if train99 is None else [r for r in timed if r["epoch"] >= train99]
     summary = dict(
         run_dir=str(run_dir),
         group=dict(name=group.name, p=group.p, op=group.op, order=group.n, primitive_root=group.root,
@@ -156,17 +163,18 @@ def analyse_run(run_dir, coverage: float = 0.7, max_key: int = 8, level: float =
         frequencies=list(range(1, group.n // 2 + 1)),
         key_frequencies=key_freqs,
         key_rule=dict(source="embedding Fourier norms of the last snapshot", step=last_step, epoch=last_epoch,
-                      coverage=coverage, max_key=max_key, covered=covered),
+                      factor=factor, max_key=max_key, share=share),
         top_logit_frequencies=top_logit,
         snapshots=len(rows),
         phases=dict(
             level=level,
-            train_acc_99_epoch=first_epoch(metrics, "train_acc", lambda v: v >= 0.99),
+            train_acc_99_epoch=train99,
             val_acc_99_epoch=first_epoch(metrics, "val_acc", lambda v: v >= 0.99),
             val_loss_below_level_epoch=first_epoch(metrics, "val_loss", lambda v: v < level),
             restricted_loss_below_level_epoch=first_epoch(timed, "restricted_loss_all", lambda v: v < level),
-            excluded_loss_train_peak_epoch=peak("excluded_loss_train"),
-            sum_sq_weights_peak_epoch=peak("sum_sq_weights")),
+            restricted_loss_min_epoch=extreme(timed, "restricted_loss_all", min),
+            excluded_loss_train_peak_epoch=extreme(after_memorising, "excluded_loss_train", max),
+            sum_sq_weights_peak_epoch=extreme(timed, "sum_sq_weights", max)),
         first={k: rows[0][k] for k in scalars},
         final={k: rows[-1][k] for k in scalars},
         files=["analysis.jsonl", "analysis.json"],

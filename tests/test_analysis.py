@@ -95,13 +95,16 @@ def test_gini_flat_is_zero_one_hot_is_near_one_and_matches_the_pairwise_definiti
     assert fourier.gini(np.zeros(5)) == 0.0
 
 
-def test_key_frequency_rule_takes_largest_until_the_coverage_capped():
-    norms = np.sqrt([9.0, 0.0, 4.0, 1.0, 0.0])  # frequencies 1..5
-    assert fourier.key_frequencies(norms, 0.6, 8) == ([1], pytest.approx(9 / 14))
-    assert fourier.key_frequencies(norms, 0.9, 8) == ([1, 3], pytest.approx(13 / 14))
-    assert fourier.key_frequencies(norms, 1.0, 8) == ([1, 3, 4], pytest.approx(1.0))
-    assert fourier.key_frequencies(norms, 1.0, 2) == ([1, 3], pytest.approx(13 / 14))
-    assert fourier.key_frequencies(np.zeros(4), 0.5, 3) == ([], 0.0)
+def test_key_frequency_rule_takes_the_peaks_over_twice_the_median_largest_first_capped():
+    floor = np.full(20, 0.1)
+    peaks = floor.copy()
+    peaks[[2, 8, 15]] = [0.5, 0.9, 0.21]  # frequencies 3, 9, 16; the median stays 0.1
+    keys, share = fourier.key_frequencies(peaks, 2.0, 8)
+    assert keys == [3, 9, 16] and share == pytest.approx((0.25 + 0.81 + 0.21 ** 2) / (peaks ** 2).sum())
+    assert fourier.key_frequencies(peaks, 2.0, 2)[0] == [3, 9]  # the cap keeps the largest
+    assert fourier.key_frequencies(peaks, 3.0, 8)[0] == [3, 9]  # 0.21 is not 3x the median
+    assert fourier.key_frequencies(floor, 2.0, 8) == ([], 0.0)  # a flat spectrum has no key frequency
+    assert fourier.key_frequencies(np.zeros(4), 2.0, 3) == ([], 0.0)
 
 
 def make_grid(p, op, seed=0):
@@ -133,7 +136,7 @@ def test_fourier_algorithm_logits_give_their_frequencies_and_the_paper_losses(p,
     expected = np.zeros(n // 2)
     expected[np.array(KEYS) - 1] = ALPHAS
     np.testing.assert_allclose(amplitudes, expected, atol=1e-9)
-    assert fourier.key_frequencies(amplitudes, 0.99, 8)[0] == list(KEYS)
+    assert fourier.key_frequencies(amplitudes, 2.0, 8)[0] == list(KEYS)
     assert out["acc_all"] == 1.0 and out["loss_all"] < 0.05
     for split in ("train", "all"):  # the algorithm lives in the kept directions, and only there
         assert out[f"restricted_loss_{split}"] == pytest.approx(out[f"loss_{split}"], rel=1e-9)
@@ -150,7 +153,7 @@ def test_fourier_algorithm_logits_give_their_frequencies_and_the_paper_losses(p,
                                             for k in KEYS)
     w = weight_measures({"embedding.weight": embedding, "out.weight": rng.standard_normal((p + 2, 16))},
                         grid.group)
-    assert fourier.key_frequencies(w["embed_norms"], 0.9, 8)[0] == list(KEYS)
+    assert fourier.key_frequencies(w["embed_norms"], 2.0, 8)[0] == list(KEYS)
     assert w["embed_gini"] > 0.65  # 3 of 11 frequencies equally loaded would give 8/11
 
 
@@ -198,10 +201,10 @@ def test_analysis_of_a_small_run_writes_every_file_with_the_documented_keys(smal
     assert tuple(summary) == SUMMARY_KEYS
     assert summary["group"]["primitive_root"] == 5 and summary["group"]["order"] == 22
     assert summary["pairs"]["grid"] == 22 * 22 and summary["frequencies"] == list(range(1, 12))
-    assert 1 <= len(summary["key_frequencies"]) <= 8 and summary["snapshots"] == 4
+    assert len(summary["key_frequencies"]) <= 8 and summary["snapshots"] == 4
     assert set(summary["phases"]) == {"level", "train_acc_99_epoch", "val_acc_99_epoch", "val_loss_below_level_epoch",
-                                      "restricted_loss_below_level_epoch", "excluded_loss_train_peak_epoch",
-                                      "sum_sq_weights_peak_epoch"}
+                                      "restricted_loss_below_level_epoch", "restricted_loss_min_epoch",
+                                      "excluded_loss_train_peak_epoch", "sum_sq_weights_peak_epoch"}
     figures = [f"{name}{dark}.png" for name in FIGURES for dark in ("", "_dark")]
     assert summary["files"] == ["analysis.jsonl", "analysis.json"] + figures
     for name in summary["files"]:
@@ -242,7 +245,7 @@ def write_config(run, **data_cfg):
 @pytest.mark.parametrize("case, message", [
     ("missing", "is not a directory"), ("no_config", "no config.json"), ("no_snapshots", "no snapshots"),
     ("unknown_op", "not supported"), ("composite_mul", "not prime"), ("wrong_shape", "does not fit"),
-    ("bad_coverage", "coverage"),
+    ("bad_factor", "factor"),
 ])
 def test_bad_input_prints_one_error_line_and_exits_2(tmp_path, capsys, case, message):
     run, argv = tmp_path / "run", []
@@ -252,9 +255,9 @@ def test_bad_input_prints_one_error_line_and_exits_2(tmp_path, capsys, case, mes
         write_config(run, op="^")
     elif case == "composite_mul":
         write_config(run, p=9, op="*")
-    elif case in ("no_snapshots", "bad_coverage"):
+    elif case in ("no_snapshots", "bad_factor"):
         write_config(run)
-        argv = ["--coverage", "1.5"] if case == "bad_coverage" else []
+        argv = ["--factor", "0.5"] if case == "bad_factor" else []
     elif case == "wrong_shape":
         make_synthetic_run(run, p=7, op="+", dim=8, depth=1, mlp_ratio=1, snapshots=1)
         cfg = json.loads((run / "config.json").read_text())
