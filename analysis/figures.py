@@ -15,7 +15,7 @@ KEY_COLOR, OTHER_COLOR = "#e7298a", "#7570b3"
 
 def _title(summary: dict) -> str:
     g = summary["group"]
-    return f"a {g['op']} b mod {g['p']} in {g['name']}; key frequencies {summary['key_frequencies']}"
+    return f"a {g['op']} b mod {g['p']} in {g['name']}\nkey frequencies {summary['key_frequencies']}"
 
 
 def draw_spectrum(rows: list[dict], summary: dict, dark: bool):
@@ -31,13 +31,13 @@ def draw_spectrum(rows: list[dict], summary: dict, dark: bool):
         ax.grid(alpha=0.25, axis="y")
     axes[-1].set(xlabel="frequency k (angular 2πk/n)")
     epoch = rows[-1]["epoch"]
-    fig.suptitle(f"Fourier spectrum at epoch {epoch} (step {rows[-1]['step']}); " + _title(summary), fontsize=9)
+    fig.suptitle(f"Fourier spectrum at epoch {epoch} (step {rows[-1]['step']}): " + _title(summary), fontsize=9)
     return fig
 
 
 def draw_progress(rows: list[dict], metrics: list[dict], summary: dict, dark: bool):
     """Train/validation accuracy, then restricted/excluded loss, Gini and weight norm against epoch."""
-    fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True, height_ratios=(1.2, 1.2, 1, 1))
+    fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True, height_ratios=(1.2, 1.2, 1, 1))
     acc, loss, gini, norm = axes
     epochs = [r["epoch"] for r in rows]
     if metrics:
@@ -46,7 +46,7 @@ def draw_progress(rows: list[dict], metrics: list[dict], summary: dict, dark: bo
             acc.plot(me, [100 * m[f"{key}_acc"] for m in metrics], color=color, lw=2, label=label)
             loss.plot(me, [m[f"{key}_loss"] for m in metrics], color=color, lw=1, alpha=0.5,
                       label=f"{label} loss (metrics)")
-        acc.legend(loc="lower right", fontsize=8)
+        acc.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     acc.set(ylabel="accuracy (%)", ylim=(-2, 102))
     loss.plot(epochs, [r["restricted_loss_all"] for r in rows], "o-", ms=3, color=KEY_COLOR,
               label="restricted loss (all pairs)")
@@ -54,11 +54,11 @@ def draw_progress(rows: list[dict], metrics: list[dict], summary: dict, dark: bo
               label="excluded loss (train pairs)")
     loss.axhline(np.log(summary["group"]["p"]), ls=":", color="gray", lw=1, label="log p (chance)")
     loss.set(ylabel="cross-entropy", yscale="log")
-    loss.legend(fontsize=7, loc="lower left")
+    loss.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     gini.plot(epochs, [r["embed_gini"] for r in rows], "o-", ms=3, label="embedding")
     gini.plot(epochs, [r["unembed_gini"] for r in rows], "s-", ms=3, label="read-out")
     gini.set(ylabel="Gini of Fourier norms", ylim=(0, 1))
-    gini.legend(fontsize=8)
+    gini.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     norm.plot(epochs, [r["sum_sq_weights"] for r in rows], "o-", ms=3, color="gray")
     norm.set(ylabel="sum of squared weights", xlabel="epoch")
     val99 = summary["phases"]["val_acc_99_epoch"]
