@@ -18,6 +18,11 @@ def _title(summary: dict) -> str:
     return f"a {g['op']} b mod {g['p']} in {g['name']}\nkey frequencies {summary['key_frequencies']}"
 
 
+def snapshot_epochs(rows: list[dict]) -> np.ndarray:
+    """Each snapshot's epoch (its index where a snapshot has none)."""
+    return np.array([i if r["epoch"] is None else r["epoch"] for i, r in enumerate(rows)], dtype=float)
+
+
 def draw_spectrum(rows: list[dict], summary: dict, dark: bool):
     """Embedding and read-out Fourier norms per frequency at the last snapshot, key frequencies marked."""
     freqs, keys = np.array(summary["frequencies"]), set(summary["key_frequencies"])
@@ -39,7 +44,7 @@ def draw_progress(rows: list[dict], metrics: list[dict], summary: dict, dark: bo
     """Train/validation accuracy, then restricted/excluded loss, Gini and weight norm against epoch."""
     fig, axes = plt.subplots(4, 1, figsize=(10, 9), sharex=True, height_ratios=(1.2, 1.2, 1, 1))
     acc, loss, gini, norm = axes
-    epochs = [r["epoch"] for r in rows]
+    epochs = snapshot_epochs(rows)
     if metrics:
         me = [m["epoch"] for m in metrics]
         for key, label, color in (("train", "train", TRAIN_COLOR), ("val", "validation", VAL_COLOR)):
@@ -73,7 +78,7 @@ def draw_progress(rows: list[dict], metrics: list[dict], summary: dict, dark: bo
 
 def draw_frequencies(rows: list[dict], summary: dict, dark: bool):
     """Heat maps of the embedding Fourier norms and the logit amplitudes per frequency against epoch."""
-    epochs = np.array([r["epoch"] if r["epoch"] is not None else i for i, r in enumerate(rows)], dtype=float)
+    epochs = snapshot_epochs(rows)
     freqs = np.array(summary["frequencies"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, key, label in zip(axes, ("embed_norms", "logit_amplitudes"), ("embedding Fourier norm",

@@ -266,3 +266,15 @@ def test_bad_input_prints_one_error_line_and_exits_2(tmp_path, capsys, case, mes
     assert main([str(run)] + argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_snapshot_without_metadata_takes_its_step_from_the_name_and_its_epoch_from_the_metrics(tmp_path):
+    run = make_synthetic_run(tmp_path / "r", p=7, op="-", dim=8, depth=1, mlp_ratio=1, snapshots=2,
+                             epochs_per_snapshot=1, steps_per_epoch=3)
+    path = run / "snapshots" / "step_000000006.safetensors"
+    mx.save_safetensors(str(path), mx.load(str(path)))  # the same weights, no metadata
+    assert main([str(run), "--no-figures"]) == 0
+    rows = [json.loads(line) for line in (run / "analysis.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 3), (2, 6)]
+    assert sorted(p.name for p in run.iterdir()) == ["analysis.json", "analysis.jsonl", "config.json",
+                                                       "metrics.jsonl", "snapshots"]
