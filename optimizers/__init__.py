@@ -171,3 +171,40 @@ def quad_optimizer(cfg: OptimConfig) -> optim.Optimizer:
     return QUAD(learning_rate=warmup_schedule(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                 preconditioner_lr=cfg.preconditioner_lr, max_size_dense=max_size_dense, max_skew_dense=1.0,
                 normalize_grads=True)
+
+
+def is_hidden_matrix(path: str, weight) -> bool:
+    """The blocks' attention and MLP weights: the 2-D matrices Muon orthogonalises (not the embedding,
+    the read-out or the norms)."""
+    return path.startswith("blocks.") and weight.ndim == 2
+
+
+@register("muon", lr_means="Muon (the blocks' 2-D weights): the momentum's orthogonalised direction (Newton-Schulz) "
+                           "times lr, scaled by sqrt(max(1, rows/cols)), so every matrix moves by about lr in spectral "
+                           "norm; mlx's Muon adds weight_decay * w to the gradient before orthogonalising. AdamW "
+                           "(embedding, read-out, norms) at adam_lr with decoupled decay w -= adam_lr * weight_decay * w",
+          lr=rate(0.02, (0.01, 0.02, 0.05)), adam_lr=rate(1e-3, (1e-3,), limits=(1e-5, 1e-1)),
+          momentum=coefficient(0.95, (0.95,)), weight_decay=rate(0.1, (0.03, 0.1, 0.3), limits=(1e-4, 10.0)))
+def muon(cfg: OptimConfig) -> optim.Optimizer:
+    # As Muon's authors prescribe: Muon for the hidden matrices, AdamW (betas 0.9 / 0.98) for everything else.
+    return optim.MultiOptimizer(
+        [optim.Muon(warmup_schedule(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True),
+         optim.AdamW(warmup_schedule(cfg, cfg.adam_lr), betas=[0.9, 0.98], weight_decay=cfg.weight_decay)],
+        [is_hidden_matrix])
+
+
+@register("lion", lr_means="every coordinate moves by exactly lr per step (the sign of an interpolated momentum), so "
+                           "lr is about 3-10x below AdamW's; decoupled weight decay w -= lr * weight_decay * w",
+          lr=rate(1e-4, (3e-5, 1e-4, 3e-4)), weight_decay=rate(3.0, (1.0, 3.0, 10.0), limits=(1e-3, 100.0)),
+          beta1=coefficient(0.9, (0.9,)), beta2=coefficient(0.99, (0.99,)))
+def lion(cfg: OptimConfig) -> optim.Optimizer:
+    return optim.Lion(warmup_schedule(cfg), betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
+
+
+@register("sgd", lr_means="plain gradient steps: w -= lr * (Nesterov momentum of the gradient), not normalised, so "
+                           "lr is orders of magnitude above the adaptive optimizers'; mlx's SGD adds weight_decay * w "
+                           "to the gradient (L2, coupled)",
+          lr=rate(0.3, (0.1, 0.3, 1.0), limits=(1e-4, 10.0)), weight_decay=rate(1e-3, (3e-4, 1e-3, 3e-3)),
+          momentum=coefficient(0.9, (0.9,)))
+def sgd(cfg: OptimConfig) -> optim.Optimizer:
+    return optim.SGD(warmup_schedule(cfg), momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
