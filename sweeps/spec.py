@@ -157,18 +157,20 @@ def format_value(key: str, value) -> str:
 def run_name(cfg: Config, keys, digest: str) -> str:
     """``<optimizer>_<short><value>..._s<seed>-<hash>``, e.g. ``adamw_lr0.003_wd0.3_s0-1a2b3c4d``."""
     flat = flatten(cfg)
-    parts = [str(flat["optim.name"])] + [short_name(k) + format_value(k, flat[k]) for k in keys]
+    name = flat["optim.name"]
+    parts = [str(name)] + [short_name(k) + format_value(k, flat[k]) for k in keys if uses(name, k)]
     parts.append(f"s{cfg.seed}")
     return re.sub(r"[^A-Za-z0-9.+_-]", "_", "_".join(parts)) + "-" + digest
 
 
 def swept_keys(gs: list[dict]) -> list:
-    """Keys that take more than one value anywhere in the sweep, in order of first appearance."""
+    """Keys that take more than one value for some optimizer, in order of first appearance (a knob that only
+    differs between optimizers, such as AdamW's and Lion's beta2, is not swept)."""
     values = {}
     for g in gs:
         for k, v in g.items():
-            values.setdefault(k, set()).update(map(repr, v))
-    return [k for k in values if k != "optim.name" and len(values[k]) > 1]
+            values.setdefault(k, {}).setdefault(g["optim.name"][0], set()).update(map(repr, v))
+    return [k for k, per in values.items() if k != "optim.name" and any(len(v) > 1 for v in per.values())]
 
 
 def expand(spec: Spec) -> list[Run]:

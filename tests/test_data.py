@@ -33,11 +33,15 @@ def test_every_pair_appears_once():
 
 def test_large_prime_division_does_not_overflow():
     p = 65521  # (p-1)^2 overflows int32; labels must still satisfy label * b = a
-    cfg = DataConfig(p=p, op="/")
     b = np.arange(1, 200, dtype=np.int64)
     from data import modular_power
     assert np.all(b * modular_power(b, p - 2, p) % p == 1)
-    assert cfg.vocab_size == p + 2
+    assert DataConfig(p=7919, op="/").vocab_size == 7919 + 2
+
+
+def test_a_dataset_too_large_for_memory_is_rejected_before_it_is_built():
+    with pytest.raises(ValueError, match=r"data.p=65521 makes 4,292,935,920 examples, about .* GiB to build"):
+        DataConfig(p=65521, op="/")
 
 
 def test_split_is_disjoint_complete_and_seeded():
