@@ -199,7 +199,7 @@ def is_hidden_matrix(path: str, weight) -> bool:
                            "norm; decoupled weight decay w -= lr * weight_decay * w. AdamW (embedding, read-out, "
                            "norms) at adam_lr with decoupled decay w -= adam_lr * weight_decay * w",
           lr=rate(0.02, (0.01, 0.02, 0.05)), adam_lr=rate(1e-3, (1e-3,), limits=(1e-5, 1e-1)),
-          momentum=coefficient(0.95, (0.95,)), weight_decay=rate(0.1, (0.03, 0.1, 0.3), limits=(1e-4, 10.0)))
+          momentum=coefficient(0.95, (0.95,)), weight_decay=rate(1.0, (0.3, 1.0, 3.0), limits=(1e-3, 30.0)))
 def muon(cfg: OptimConfig) -> optim.Optimizer:
     # As Muon's authors prescribe: Muon for the hidden matrices, AdamW (betas 0.9 / 0.98) for everything else.
     return optim.MultiOptimizer(
@@ -210,7 +210,7 @@ def muon(cfg: OptimConfig) -> optim.Optimizer:
 
 @register("lion", lr_means="every coordinate moves by exactly lr per step (the sign of an interpolated momentum), so "
                            "lr is about 3-10x below AdamW's; decoupled weight decay w -= lr * weight_decay * w",
-          lr=rate(1e-4, (3e-5, 1e-4, 3e-4)), weight_decay=rate(3.0, (1.0, 3.0, 10.0), limits=(1e-3, 100.0)),
+          lr=rate(3e-4, (1e-4, 3e-4, 1e-3)), weight_decay=rate(3.0, (1.0, 3.0, 10.0), limits=(1e-3, 100.0)),
           beta1=coefficient(0.9, (0.9,)), beta2=coefficient(0.99, (0.99,)))
 def lion(cfg: OptimConfig) -> optim.Optimizer:
     return optim.Lion(warmup_schedule(cfg), betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
