@@ -263,6 +263,10 @@ def make_verdict(spec: Spec, rows: list[dict], confirm_rows: list[dict], meta: d
                "expected_trials": sensitivity.expected_trials,
                **{k: tuned.get(k) for k in results.CONFIG_KEYS if k.startswith("optim.") and k != "optim.name"}}
         out.append(row)
+    early = sum(bool(r.get("censored_early")) for r in tuning + confirm_rows)
+    if early:
+        notes.append(f"{early} run(s) stopped at their early stop, below this target, and are censored where they "
+                     "stopped: they can't say when they would have reached it (rerun without --early-stop)")
     pairs = []
     for a, b in itertools.combinations(sorted(headline), 2):
         for unit in ("steps", "seconds"):

@@ -336,3 +336,39 @@ def test_figures_survival_sensitivity_and_heatmap_edge_markers(tmp_path):
     assert [len(line.get_xdata()) for line in censor_ticks] == [1, 1]  # seed 14 of each, at the budget
     assert np.allclose([line.get_xdata()[0] for line in censor_ticks], 40)
     plt.close(fig)
+
+
+def test_early_stop_below_the_target_is_censored_where_it_stopped_and_said(tmp_path):
+    s = spec([1e-3, 3e-3], [0.1], seeds=[0, 1])
+    assert verdict.run_optimizer_sweep(s, tmp_path, FakeExecutor(bowl(3e-3, 0.1)), confirm=[]) == 0
+    v = verdict.rebuild(tmp_path, 0.99)  # the runs stopped at 90%: reached 99% there too (accuracy 1.0)
+    assert all(r["reached"] for r in v.tuning) and not v.notes[1:]
+    rows = []
+    for d in sorted((tmp_path / "runs").iterdir()):  # now make every run stop at 0.9 with accuracy 0.92
+        metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        metrics[-1]["val_acc"] = 0.92
+        (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        summary = json.loads((d / "summary.json").read_text())
+        for k in ("epochs_to_99", "steps_to_99", "seconds_to_99"):
+            summary[k] = None
+        write_json_atomic(d / "summary.json", summary)
+        rows.append(results.run_row(d, 0.99))
+    assert all(r["censored_early"] and r["epochs_observed"] == r["epochs_run"] < 40 for r in rows)
+    v = verdict.rebuild(tmp_path, 0.99)
+    assert any("stopped at their early stop, below this target" in n for n in v.notes)
+
+
+def test_architecture_from_results_takes_the_confirmed_best_from_the_verdict(tmp_path):
+    two_optimizers(tmp_path)
+    assert results.best_from_results(tmp_path)["adamw"]["optim.lr"] == [3e-3]
+    rows = results.read_table(tmp_path / "verdict.csv")
+    for r in rows:  # a verdict whose confirmed adamw configuration differs from the tuning best
+        r["optim.lr"] = 1e-2 if r["optimizer"] == "adamw" else r["optim.lr"]
+        r["confirmed"] = r["optimizer"] == "adamw"
+    results.write_csv(tmp_path / "verdict.csv", rows)
+    best = results.best_from_results(tmp_path)
+    assert best["adamw"]["optim.lr"] == [1e-2]  # confirmed: taken from the verdict
+    assert best["quad"]["optim.lr"] == [3e-3]   # not confirmed: the tuning best
+    from sweeps.__main__ import parse_sweep_args
+    arch, _, _ = parse_sweep_args("architecture", ["--from-results", str(tmp_path), "--seeds", "0"])
+    assert arch.search["adamw"]["optim.lr"] == [1e-2]
