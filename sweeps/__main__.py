@@ -5,7 +5,7 @@ from pathlib import Path
 import sweeps
 from config import KNOB, ArgumentParser, add_knob_flags, parse_dotted, parse_value
 from optimizers import OPTIMIZERS
-from sweeps import results
+from sweeps import results, verdict
 from sweeps.executors import LocalPool
 from sweeps.runner import run_sweep
 from sweeps.spec import apply_axes, default_spec, expand, uses
@@ -44,7 +44,23 @@ def sweep_parser(kind: str) -> ArgumentParser:
                         help=f"figure directory (default: {DEFAULT_MEDIA}/ with the default --out, else OUT/media)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw figures")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and what is already done; run nothing")
+    add_target_flag(parser)
+    if kind == "optimizers":
+        parser.add_argument("--extend", action="store_true",
+                            help="where a best point is on the edge of a searched axis, run the next values outward "
+                                 "until it is interior or a bound (the registry's limits) stops it")
+        parser.add_argument("--extend-rounds", type=int, default=verdict.EXTEND_ROUNDS, metavar="N",
+                            help="at most N extension rounds (default: %(default)s)")
+        parser.add_argument("--confirm-seeds", default=None, metavar="SEEDS",
+                            help="rerun each optimizer's best on these seeds, disjoint from --seeds, and report on "
+                                 f"them alone (default: {','.join(map(str, verdict.CONFIRM_SEEDS))}; none: skip)")
     return parser
+
+
+def add_target_flag(parser) -> None:
+    parser.add_argument("--target", default=None, metavar="T",
+                        help="headline target, from what summaries record: 0.9, 0.95, 0.99 or sustained95 "
+                             "(default: each run's early stop, else 0.9)")
 
 
 def parse_sweep_args(kind: str, argv: list) -> tuple:
@@ -67,6 +83,10 @@ def parse_sweep_args(kind: str, argv: list) -> tuple:
             raise ValueError(f"{args.from_results} has no results for {', '.join(map(str, missing))}")
     spec = apply_axes(spec, axes)
     expand(spec)  # validate every config before anything runs
+    args.target = results.parse_target(args.target)
+    if kind == "optimizers":
+        args.confirm = verdict.parse_confirm_seeds(args.confirm_seeds)
+        verdict.check_confirm_seeds(spec.seeds, args.confirm)
     return spec, args, executor
 
 
@@ -96,7 +116,11 @@ def main_cli(argv=None) -> int:
                 for name in spec.optimizers:
                     taken = ", ".join(f"{k.split('.')[-1]}={v[0]}" for k, v in spec.search.get(name, {}).items())
                     print(f"{name}: best configuration in {args.from_results}: {taken}")
-            status = run_sweep(spec, Path(args.out), executor, args.dry_run, argv)
+            if command == "optimizers":
+                status = verdict.run_optimizer_sweep(spec, Path(args.out), executor, args.dry_run, argv, args.target,
+                                                     args.extend, args.extend_rounds, args.confirm)
+            else:
+                status = run_sweep(spec, Path(args.out), executor, args.dry_run, argv, args.target)
             if not (args.no_plot or args.dry_run) and results.load_rows(Path(args.out)):
                 save_figures(Path(args.out), media_dir(args))
             return status
@@ -104,8 +128,7 @@ def main_cli(argv=None) -> int:
             parser = ArgumentParser(prog=f"python -m sweeps {command}", allow_abbrev=False)
             parser.add_argument("dir", help="a sweep directory (holding runs/)")
             if command == "table":
-                parser.add_argument("--target", type=float, default=None,
-                                    help="target validation accuracy (default: each run's early stop, else 0.9)")
+                add_target_flag(parser)
             else:
                 parser.add_argument("--media", default=None, help="figure directory (default: DIR/media)")
             args = parser.parse_args(rest)
@@ -113,13 +136,17 @@ def main_cli(argv=None) -> int:
             if not (out / "runs").is_dir():
                 raise ValueError(f"{out} is not a sweep directory (no runs/)")
             if command == "table":
-                rows = results.rebuild_table(out, args.target)
+                target = results.parse_target(args.target)
+                found = verdict.rebuild(out, verdict.KEEP if target is None else target)
+                rows = results.read_table(out / "results.csv")
                 points = results.summarize(rows)
                 for point in points:
                     print(results.describe(point))
                 print(f"{len(rows)} finished runs, {len(points)} points -> {out / 'results.csv'}, {out / 'points.csv'}")
+                if found is not None:
+                    verdict.print_verdict(found)
             else:
-                results.rebuild_table(out)
+                verdict.rebuild(out)
                 save_figures(out, Path(args.media) if args.media else out / "media")
             return 0
         raise ValueError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}")

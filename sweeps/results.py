@@ -11,11 +11,38 @@ from typing import Optional
 
 from config import Config, field_type, flatten, flatten_dict
 from sweeps.spec import HASH_LEN
-from training.rundir import CONFIG, SUMMARY, first_reaching, is_finished, read_json, read_metrics
+from sweeps import stats
+from training.rundir import CONFIG, SUMMARY, first_row, is_finished, read_json, read_metrics, sustained_row, when
 
 DEFAULT_TARGET = 0.9  # target validation accuracy when a sweep has no early stop
+SUSTAINED = "sustained95"  # target: the first evaluation from which validation accuracy stays >= 95% to the end
+TARGETS = (0.9, 0.95, 0.99, SUSTAINED)  # what summary.json records (training/loop.py's THRESHOLDS)
+UNITS = ("epochs", "steps", "seconds")  # time to target, three ways; rank_key uses steps
 CONFIG_KEYS = tuple(flatten(Config()))
 STRING_KEYS = {"run", "hash", "point"} | {k for k in CONFIG_KEYS if field_type(k) is str}
+
+
+def parse_target(text: Optional[str]):
+    """``--target`` text to a target: None (default), 0.9, 0.95, 0.99 or ``"sustained95"``."""
+    if text is None:
+        return None
+    if text == SUSTAINED:
+        return SUSTAINED
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    match = [t for t in TARGETS[:-1] if value is not None and math.isclose(value, t)]
+    if not match:
+        raise ValueError(f"--target {text!r} must be one of 0.9, 0.95, 0.99, {SUSTAINED} (what summaries record)")
+    return match[0]
+
+
+def target_text(target) -> str:
+    """``"90% validation accuracy"`` or ``"95% validation accuracy, sustained to the end"``."""
+    if target == SUSTAINED:
+        return "95% validation accuracy, sustained to the end"
+    return f"{100 * float(target):g}% validation accuracy"
 
 
 def existing_runs(out: Path) -> dict:
@@ -32,34 +59,66 @@ def existing_runs(out: Path) -> dict:
     return found
 
 
-def run_target(flat_config: dict, target: Optional[float]) -> float:
-    """The target accuracy: ``target`` if given, else the run's early-stop accuracy, else 0.9."""
+def run_target(flat_config: dict, target) -> object:
+    """The target: ``target`` if given, else the run's early-stop accuracy, else 0.9."""
     if target is not None:
         return target
     stop = flat_config.get("train.early_stop_val_acc")
     return DEFAULT_TARGET if stop is None else stop
 
 
-def run_row(run_dir: Path, target: Optional[float] = None) -> dict:
-    """The results row of a finished run: run, hash, target, solved, epochs/steps to target, the flattened
-    resolved config and the summary."""
+def reach_times(run_dir: Path, summary: dict, goal) -> tuple:
+    """``(epochs, steps, seconds)`` to ``goal`` from the summary where it records them, else from the metrics
+    (a summary written before seconds were recorded, or a target the summary has no column for)."""
+    if goal == SUSTAINED:
+        keys = ("epochs_sustained_95", "steps_sustained_95", "seconds_sustained_95")
+    else:
+        percent = round(100 * goal)
+        keys = tuple(f"{unit}_to_{percent}" for unit in UNITS) if math.isclose(percent, 100 * goal) else ()
+    if keys and all(k in summary for k in keys):
+        return tuple(summary[k] for k in keys)
+    metrics = read_metrics(run_dir)
+    return when(sustained_row(metrics, 0.95) if goal == SUSTAINED else first_row(metrics, goal))
+
+
+def run_row(run_dir: Path, target=None) -> dict:
+    """The results row of a finished run: run, hash, target, whether it reached it, the time to it
+    (epochs, steps, seconds; None when never) and the time observed (that time when reached, else where the
+    run is censored), the flattened resolved config and the summary.
+
+    A run that does not reach the target is censored at its budget (``budget_epochs``, ``budget_steps``;
+    seconds: its wall time, scaled up to the budget when it diverged before the end). A run that stopped
+    early below the target (its early stop is under ``--target``) is censored where it stopped
+    (``censored_early``): it can't tell when it would have reached the target.
+    """
     run_dir = Path(run_dir)
     flat = flatten_dict(read_json(run_dir / CONFIG))
     summary = read_json(run_dir / SUMMARY)
     goal = run_target(flat, target)
-    if math.isclose(goal, 0.9):
-        epochs, steps = summary["epochs_to_90"], summary["steps_to_90"]
-    elif math.isclose(goal, 0.99):
-        epochs, steps = summary["epochs_to_99"], summary["steps_to_99"]
-    else:
-        epochs, steps = first_reaching(read_metrics(run_dir), goal)
+    times = dict(zip(UNITS, reach_times(run_dir, summary, goal)))
+    steps_per_epoch = max(1, round(summary["steps_run"] / summary["epochs_run"])) if summary["epochs_run"] else 1
+    budget_steps = flat.get("train.steps") or flat["train.epochs"] * steps_per_epoch
+    budget_epochs = flat.get("train.epochs") if not flat.get("train.steps") else budget_steps / steps_per_epoch
+    reached = times["epochs"] is not None
+    early = not reached and summary.get("early_stopped", False)
+    if reached:
+        observed = dict(times)
+    elif early:
+        observed = {"epochs": summary["epochs_run"], "steps": summary["steps_run"], "seconds": summary["wall_s"]}
+    else:  # ran its budget (seconds: its wall time) or diverged (its wall time scaled to the budget)
+        scale = budget_steps / summary["steps_run"] if summary["steps_run"] else 1.0
+        observed = {"epochs": budget_epochs, "steps": budget_steps, "seconds": round(summary["wall_s"] * scale, 3)}
+    # The seconds a whole budget would take at this run's pace: only "> budget" in printed medians uses it.
+    budget_seconds = round(summary["wall_s"] * budget_steps / summary["steps_run"], 3) if summary["steps_run"] else None
     digest = run_dir.name.rsplit("-", 1)[-1]
     return {"run": run_dir.name, "hash": digest, "optim.name": flat["optim.name"], "seed": flat["seed"],
-            "target": goal, "solved": epochs is not None, "epochs_to_target": epochs, "steps_to_target": steps,
-            **flat, **summary}
+            "target": goal, "reached": reached, **{f"{u}_to_target": times[u] for u in UNITS},
+            **{f"{u}_observed": observed[u] for u in UNITS}, "censored_early": early,
+            "budget_epochs": budget_epochs, "budget_steps": budget_steps, "budget_seconds": budget_seconds, **flat,
+            **summary}
 
 
-def collect(out: Path, target: Optional[float] = None) -> list[dict]:
+def collect(out: Path, target=None) -> list[dict]:
     """One row per finished run under ``out/runs`` (unfinished directories are left out)."""
     rows = [run_row(d, target) for d in existing_runs(out).values() if is_finished(d)]
     return sorted(rows, key=lambda r: r["run"])
@@ -104,12 +163,15 @@ def read_table(path: Path) -> list[dict]:
         return [{k: parse_cell(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def write_tables(out: Path, rows: list[dict]) -> None:
+def write_tables(out: Path, rows: list[dict], annotate=None) -> None:
+    """``out/results.csv`` (the rows) and ``out/points.csv`` (``summarize``; ``annotate(points)`` may add
+    columns, as the search-edge check does)."""
+    points = summarize(rows)
     write_csv(Path(out) / "results.csv", rows)
-    write_csv(Path(out) / "points.csv", summarize(rows))
+    write_csv(Path(out) / "points.csv", annotate(points) if annotate else points)
 
 
-def rebuild_table(out: Path, target: Optional[float] = None) -> list[dict]:
+def rebuild_table(out: Path, target=None) -> list[dict]:
     """Rebuild ``out/results.csv`` and ``out/points.csv`` from the run directories; return the run rows."""
     rows = collect(out, target)
     write_tables(out, rows)
@@ -120,28 +182,19 @@ class ResultsTable:
     """The tables of a sweep that is running: each finished run adds its row (read from its own directory
     alone) and both CSV files are rewritten from the rows in memory."""
 
-    def __init__(self, out: Path):
-        self.out = Path(out)
-        self.rows = {r["hash"]: r for r in collect(self.out)}
+    def __init__(self, out: Path, target=None):
+        self.out, self.target = Path(out), target
+        self.rows = {r["hash"]: r for r in collect(self.out, target)}
         write_tables(self.out, self.table())
 
     def add(self, run_dir: Path) -> dict:
-        row = run_row(run_dir)
+        row = run_row(run_dir, self.target)
         self.rows[row["hash"]] = row
         write_tables(self.out, self.table())
         return row
 
     def table(self) -> list[dict]:
         return sorted(self.rows.values(), key=lambda r: r["run"])
-
-
-def censored_median(solved: list, n: int) -> Optional[float]:
-    """Median over ``n`` runs of which ``solved`` reached the target; the others count as never (+inf).
-    None when half or more never did."""
-    if not solved:
-        return None
-    m = statistics.median(sorted(solved) + [math.inf] * (n - len(solved)))
-    return None if math.isinf(m) else m
 
 
 def point_label(run: str) -> str:
@@ -161,42 +214,62 @@ def group_points(rows: list[dict]) -> dict:
     return groups
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Statistics per configuration over its seeds.
+def censored_statistics(group: list[dict]) -> dict:
+    """Statistics of one configuration's runs (its seeds), censoring included.
 
-    ``solved`` of ``n`` runs reached the target; ``epochs_median/min/max`` and ``steps_*`` are over
-    solved runs only; ``*_median_all`` counts unsolved runs as censored at the budget (never reached):
-    it is None when half or more are unsolved. Unsolved runs are never counted as solved.
+    ``runs``; ``reached`` of them reached the target, ``censored`` did not (censored where
+    ``run_row`` says: at the budget); ``reached_frac``. Per unit (epochs, steps, seconds): the
+    Kaplan-Meier median time to target ``<unit>_km_median`` and its 95% interval ``<unit>_km_lower`` /
+    ``<unit>_km_upper`` (Brookmeyer-Crowley, ``stats.median_time``), empty where not identified, and
+    ``<unit>_km`` as text (``"85 [71, > 400]"``, "> budget" where not identified). Never an average over
+    the runs that reached the target alone.
     """
+    flags = [bool(r["reached"]) for r in group]
+    out = {"runs": len(group), "reached": sum(flags), "censored": len(group) - sum(flags),
+           "reached_frac": sum(flags) / len(group)}
+    for unit in UNITS:
+        times = [r.get(f"{unit}_observed") for r in group]
+        median = None
+        if all(t is not None for t in times):
+            budget = max(r.get(f"budget_{unit}") or t for r, t in zip(group, times))
+            median = stats.median_time(stats.kaplan_meier(times, flags), budget=budget)
+        out[f"{unit}_km_median"] = median and median.median
+        out[f"{unit}_km_lower"] = median and median.lower
+        out[f"{unit}_km_upper"] = median and median.upper
+        out[f"{unit}_km"] = stats.format_median(median) if median else None
+    return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per configuration over its seeds (``points.csv``): ``censored_statistics`` and the budget,
+    the mean best validation accuracy, the seeds and the configuration; best first per optimizer."""
     points = []
     for group in group_points(rows).values():
-        first, solved = group[0], [r for r in group if r["solved"]]
-        stats = {"point": point_label(first["run"]), "optim.name": first["optim.name"], "target": first["target"],
-                 "n": len(group), "solved": len(solved), "solved_frac": len(solved) / len(group)}
-        for unit in ("epochs", "steps"):
-            values = [r[f"{unit}_to_target"] for r in solved]
-            stats[f"{unit}_median"] = statistics.median(values) if values else None
-            stats[f"{unit}_min"] = min(values) if values else None
-            stats[f"{unit}_max"] = max(values) if values else None
-            stats[f"{unit}_median_all"] = censored_median(values, len(group))
-        stats["budget_epochs"] = first.get("train.epochs")
-        stats["mean_best_val_acc"] = statistics.fmean(r["best_val_acc"] for r in group)
-        stats["seeds"] = " ".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]))
-        stats.update({k: first.get(k) for k in CONFIG_KEYS if k not in ("seed", "optim.name")})
-        points.append(stats)
+        first = group[0]
+        point = {"point": point_label(first["run"]), "optim.name": first["optim.name"], "target": first["target"],
+                 **censored_statistics(group), "budget_epochs": first.get("budget_epochs"),
+                 "budget_steps": first.get("budget_steps"),
+                 "censored_early": sum(bool(r.get("censored_early")) for r in group),
+                 "mean_best_val_acc": statistics.fmean(r["best_val_acc"] for r in group),
+                 "seeds": " ".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]))}
+        point.update({k: first.get(k) for k in CONFIG_KEYS if k not in ("seed", "optim.name")})
+        points.append(point)
     return sorted(points, key=lambda p: (str(p["optim.name"]), rank_key(p)))
 
 
 def rank_key(point: dict) -> tuple:
-    """Best first: most seeds solved, then fewest optimizer steps (censored median, then solved median),
-    then highest validation accuracy."""
-    inf = math.inf
-    return (-point["solved_frac"], point["steps_median_all"] if point["steps_median_all"] is not None else inf,
-            point["steps_median"] if point["steps_median"] is not None else inf, -point["mean_best_val_acc"])
+    """Best first: the smallest Kaplan-Meier median of optimizer steps to the target (not identified:
+    last), then the largest fraction of seeds reaching it, then the smallest upper end of the median's
+    interval, then the highest mean best validation accuracy. Steps, not seconds: wall time depends on
+    the machine and its load; epochs rank the same as steps at a fixed batch size."""
+    def low(x):
+        return math.inf if x is None else x
+    return (low(point["steps_km_median"]), -point["reached_frac"], low(point["steps_km_upper"]),
+            -point["mean_best_val_acc"])
 
 
 def best_points(points: list[dict]) -> dict:
-    """``{optimizer: its best point}``."""
+    """``{optimizer: its best point}`` by ``rank_key``."""
     best = {}
     for p in sorted(points, key=rank_key):
         best.setdefault(p["optim.name"], p)
@@ -213,18 +286,27 @@ def load_rows(out: Path) -> list[dict]:
     return rebuild_table(out)
 
 
+def optim_config(point: dict) -> dict:
+    """``{optim key: [value]}`` of a point's (or verdict row's) optimizer knobs, unset knobs left out."""
+    return {k: [point[k]] for k in CONFIG_KEYS if k.startswith("optim.") and k != "optim.name"
+            and point.get(k) is not None}
+
+
 def best_from_results(out: Path) -> dict:
-    """``{optimizer: {optim key: [value]}}``: each optimizer's best configuration in sweep ``out``."""
+    """``{optimizer: {optim key: [value]}}``: each optimizer's best configuration in sweep ``out``: the one
+    its verdict confirmed (``verdict.csv``) when there is one, else its best point over the tuning runs."""
+    out = Path(out)
+    confirmed = {}
+    if (out / "verdict.csv").exists():
+        confirmed = {v["optim.name"]: optim_config(v) for v in read_table(out / "verdict.csv") if v["confirmed"]}
     rows = load_rows(out)
-    if not rows:
+    if not rows and not confirmed:
         raise ValueError(f"{out} has no finished runs")
-    best = best_points(summarize(rows))
-    return {name: {k: [p[k]] for k in CONFIG_KEYS if k.startswith("optim.") and k not in ("optim.name",)
-                   and p.get(k) is not None}
-            for name, p in best.items()}
+    best = {name: optim_config(p) for name, p in best_points(summarize(rows)).items()} if rows else {}
+    return {**best, **confirmed}
 
 
 def describe(point: dict) -> str:
-    epochs, steps = point["epochs_median"], point["steps_median"]
-    reached = f"median {epochs:g} epochs / {steps:g} steps among solved" if epochs is not None else "never reached"
-    return f"{point['point']}: solved {point['solved']}/{point['n']} (target {point['target']:g}), {reached}"
+    """One line: reached k/n, the Kaplan-Meier median epochs and steps with their intervals."""
+    return (f"{point['point']}: reached {point['reached']}/{point['runs']} ({target_text(point['target'])}), "
+            f"median epochs {point['epochs_km']}, steps {point['steps_km']} (Kaplan-Meier, 95% interval)")

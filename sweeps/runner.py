@@ -55,14 +55,16 @@ class SweepLock:
 
 
 def outcome(row: dict) -> str:
-    if row["solved"]:
-        return f"target {row['target']:g} at epoch {row['epochs_to_target']} (step {row['steps_to_target']})"
-    return f"target {row['target']:g} not reached in {row['epochs_run']} epochs"
+    if row["reached"]:
+        return (f"target {row['target']} at epoch {row['epochs_to_target']} (step {row['steps_to_target']}, "
+                f"{row['seconds_to_target']} s)")
+    return f"target {row['target']} not reached in {row['epochs_run']} epochs"
 
 
-def run_sweep(spec: Spec, out: Path, executor, dry_run: bool = False, argv=None) -> int:
+def run_sweep(spec: Spec, out: Path, executor, dry_run: bool = False, argv=None, target=None, meta=None) -> int:
     """Validate every run of ``spec``, run the unfinished ones into ``out/runs`` with ``executor`` and keep
-    ``out/results.csv`` and ``out/points.csv`` up to date. Returns the exit status: 1 when any run failed."""
+    ``out/results.csv`` and ``out/points.csv`` up to date (``target``: as ``results.run_row``; ``meta``: more
+    entries for ``sweep.json``). Returns the exit status: 1 when any run failed."""
     runs = expand(spec)
     out = Path(out)
     rows = plan(runs, out)
@@ -79,11 +81,12 @@ def run_sweep(spec: Spec, out: Path, executor, dry_run: bool = False, argv=None)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     with SweepLock(out):
         write_json_atomic(out / "sweep.json", {"kind": spec.kind, "argv": list(argv or []),
-                                               "spec": dataclasses.asdict(spec), "runs": len(runs)})
+                                               "spec": dataclasses.asdict(spec), "runs": len(runs), "target": target,
+                                               **(meta or {})})
         print(header, flush=True)
         todo = [(run, d) for run, d, status in rows if status != "done"]
         print(f"running {len(todo)} with {executor.describe()}", flush=True)
-        table, done = ResultsTable(out), [0]
+        table, done = ResultsTable(out, target), [0]
 
         def on_done(run, d, seconds, ok):
             done[0] += 1

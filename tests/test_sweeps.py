@@ -183,11 +183,12 @@ def test_hash_covers_the_full_resolved_config():
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """A 2 optimizer x 2 lr x 1 seed sweep run through ``python -m sweeps`` with 2 workers."""
+    """A 2 optimizer x 2 lr x 1 seed sweep run through ``python -m sweeps`` with 2 workers, each optimizer's
+    best confirmed on seed 7."""
     out = tmp_path_factory.mktemp("sweep")
     names = list(OPTIMIZERS)[:2]
     argv = [sys.executable, "-m", "sweeps", "optimizers", *TINY, "--optimizers", ",".join(names),
-            "--lr", "1e-3,3e-3", "--weight-decay", "0.1", "--seeds", "0", "--workers", "2",
+            "--lr", "1e-3,3e-3", "--weight-decay", "0.1", "--seeds", "0", "--confirm-seeds", "7", "--workers", "2",
             "--out", str(out), "--media", str(out / "figures")]
     first = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -201,12 +202,18 @@ def test_sweep_writes_runs_table_points_and_figures(swept):
     assert {"config.json", "metrics.jsonl", "summary.json", "log.txt"} <= {p.name for p in runs[0].iterdir()}
     rows = results.read_table(out / "results.csv")
     assert len(rows) == n and len({r["hash"] for r in rows}) == n
-    assert all(r["epochs_run"] == 3 and r["steps_to_target"] is None or r["solved"] for r in rows)
+    assert all(r["epochs_run"] == 3 and r["steps_to_target"] is None or r["reached"] for r in rows)
     points = results.read_table(out / "points.csv")
-    assert len(points) == n and all(p["n"] == 1 for p in points)
+    assert len(points) == n and all(p["runs"] == 1 for p in points)
+    assert sum(p["best"] for p in points) == n // 2
+    confirmed = results.read_table(out / "confirm" / "results.csv")
+    assert len(confirmed) == n // 2 and {r["seed"] for r in confirmed} == {7}
+    assert {r["optimizer"] for r in results.read_table(out / "verdict.csv")} == {r["optim.name"] for r in rows}
+    assert "Verdict: time to 90% validation accuracy" in stdout and (out / "verdict.md").exists()
     figures = {p.name for p in (out / "figures").iterdir()}
     names = {r["optim.name"] for r in rows}
     assert {f"best_{name}.png" for name in names} | {f"heatmap_{name}.png" for name in names} <= figures
+    assert {"best_all.png", "survival.png", "sensitivity.png"} <= figures
     assert all((out / "figures" / f).stat().st_size > 10_000 for f in figures)
     assert json.loads((out / "sweep.json").read_text())["kind"] == "optimizers"
     assert f"{n} new" in stdout
@@ -279,25 +286,30 @@ def synthetic(name, seed, epochs, lr=1e-3, wd=0.1, dim=16, budget=400):
     flat = flatten(override(Config(), {"optim.lr": lr, "optim.weight_decay": wd, "model.dim": dim,
                                                       "train.epochs": budget, "seed": seed}).resolved())
     flat["optim.name"] = name  # any name: the statistics and figures never consult the registry
+    observed = epochs or budget
     return {"run": f"{name}_lr{lr:g}_wd{wd:g}_dim{dim}_s{seed}-{seed:08x}", "hash": f"{seed:08x}",
-            "target": 0.9, "solved": solved, "epochs_to_target": epochs,
-            "steps_to_target": None if epochs is None else 10 * epochs, **flat, "best_val_acc": 0.95 if solved else 0.5,
-            "epochs_run": epochs or budget, "steps_run": 10 * (epochs or budget)}
+            "target": 0.9, "reached": solved, "epochs_to_target": epochs,
+            "steps_to_target": None if epochs is None else 10 * epochs,
+            "seconds_to_target": None if epochs is None else epochs / 2, "epochs_observed": observed,
+            "steps_observed": 10 * observed, "seconds_observed": observed / 2, "budget_epochs": budget,
+            "budget_steps": 10 * budget, **flat, "best_val_acc": 0.95 if solved else 0.5,
+            "epochs_run": observed, "steps_run": 10 * observed}
 
 
 def test_censoring_statistics():
     rows = [synthetic("adamw", 0, 100), synthetic("adamw", 1, 300), synthetic("adamw", 2, None)]
     (point,) = summarize(rows)
-    assert (point["n"], point["solved"], point["solved_frac"]) == (3, 2, 2 / 3)
-    assert (point["epochs_median"], point["epochs_min"], point["epochs_max"]) == (200, 100, 300)
-    assert point["steps_median"] == 2000
-    assert point["epochs_median_all"] == 300  # median of (100, 300, never): the unsolved run is not "solved"
+    assert (point["runs"], point["reached"], point["censored"], point["reached_frac"]) == (3, 2, 1, 2 / 3)
+    # Kaplan-Meier over all three seeds (the third censored at the budget, 400): F = 1/3 at 100, 2/3 at 300,
+    # so the median is 300; the median of the two that reached (200) is never reported.
+    assert point["epochs_km_median"] == 300 and point["steps_km_median"] == 3000
+    assert point["epochs_km"].startswith("300 [100, ")
     (point,) = summarize([synthetic("adamw", 0, 100), synthetic("adamw", 1, None), synthetic("adamw", 2, None)])
-    assert point["epochs_median"] == 100 and point["epochs_median_all"] is None
+    assert point["epochs_km_median"] is None and point["epochs_km"].startswith("> 400 [")
     (point,) = summarize([synthetic("adamw", s, None) for s in range(2)])
-    assert point["solved"] == 0 and point["epochs_median"] is None and point["epochs_max"] is None
-    fast_but_flaky = [synthetic("adamw", 0, 50, lr=3e-3), synthetic("adamw", 1, None, lr=3e-3)]
-    slow_but_sure = [synthetic("adamw", 0, 200), synthetic("adamw", 1, 250)]
+    assert point["reached"] == 0 and point["epochs_km"] == "> 400 [> 400, > 400]"
+    fast_but_flaky = [synthetic("adamw", s, t, lr=3e-3) for s, t in enumerate((50, None, None))]
+    slow_but_sure = [synthetic("adamw", s, t) for s, t in enumerate((200, 250, 300))]
     best = results.best_points(summarize(fast_but_flaky + slow_but_sure))["adamw"]
     assert best["optim.lr"] == 1e-3
 

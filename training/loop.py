@@ -293,17 +293,18 @@ def summarize(loop: Loop) -> dict:
     """The run's ``summary.json``."""
     metrics, cfg = loop.metrics, loop.cfg
     reached = {}
-    for threshold in THRESHOLDS:
+    for threshold in THRESHOLDS:  # seconds: the elapsed_s of that evaluation (wall clock, evaluations included)
         percent = round(100 * threshold)
-        epoch, step = rundir.first_reaching(metrics, threshold)
-        reached[f"epochs_to_{percent}"], reached[f"steps_to_{percent}"] = epoch, step
-    sustained = rundir.sustained_reaching(metrics, 0.95)
+        epoch, step, seconds = rundir.when(rundir.first_row(metrics, threshold))
+        reached.update({f"epochs_to_{percent}": epoch, f"steps_to_{percent}": step, f"seconds_to_{percent}": seconds})
+    sustained = rundir.when(rundir.sustained_row(metrics, 0.95))
     last = metrics[-1]
     return dict(
         final_train_acc=last["train_acc"], final_val_acc=last["val_acc"],
         final_train_loss=last["train_loss"], final_val_loss=last["val_loss"],
         best_val_acc=max(r["val_acc"] for r in metrics if r["val_acc"] is not None),
         **reached, epochs_sustained_95=sustained[0], steps_sustained_95=sustained[1],
+        seconds_sustained_95=sustained[2],
         epochs_run=last["epoch"], steps_run=loop.step, early_stopped=loop.step < loop.budget and not loop.diverged,
         diverged=loop.diverged, diverged_at_epoch=last["epoch"] if loop.diverged else None,
         wall_s=round(loop.elapsed_before + loop_clock(loop), 3),

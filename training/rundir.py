@@ -43,24 +43,38 @@ def reached(row: dict, threshold: float) -> bool:
     return row["val_acc"] is not None and row["val_acc"] >= threshold
 
 
+def first_row(metrics: list[dict], threshold: float):
+    """The first evaluation with ``val_acc >= threshold``, or None. A target crossed between two evaluations
+    is reported at the first evaluation that sees it."""
+    return next((row for row in metrics if reached(row, threshold)), None)
+
+
+def sustained_row(metrics: list[dict], threshold: float):
+    """The first evaluation from which ``val_acc`` stays ``>= threshold`` to the end, or None when the last
+    one is below."""
+    first = None
+    for row in reversed(metrics):
+        if not reached(row, threshold):
+            break
+        first = row
+    return first
+
+
+def when(row) -> tuple:
+    """``(epoch, step, seconds)`` of a metrics row (``elapsed_s``: wall seconds since the run started), or
+    ``(None, None, None)`` for no row."""
+    return (None, None, None) if row is None else (row["epoch"], row["step"], row.get("elapsed_s"))
+
+
 def first_reaching(metrics: list[dict], threshold: float) -> tuple:
-    """``(epoch, step)`` of the first evaluation with ``val_acc >= threshold``, or ``(None, None)``. A target
-    crossed between two evaluations is reported at the first evaluation that sees it."""
-    for row in metrics:
-        if reached(row, threshold):
-            return row["epoch"], row["step"]
-    return None, None
+    """``(epoch, step)`` of the first evaluation with ``val_acc >= threshold``, or ``(None, None)``."""
+    return when(first_row(metrics, threshold))[:2]
 
 
 def sustained_reaching(metrics: list[dict], threshold: float) -> tuple:
     """``(epoch, step)`` of the first evaluation from which ``val_acc`` stays ``>= threshold`` to the end, or
     ``(None, None)`` when the last one is below."""
-    first = (None, None)
-    for row in reversed(metrics):
-        if not reached(row, threshold):
-            break
-        first = (row["epoch"], row["step"])
-    return first
+    return when(sustained_row(metrics, threshold))[:2]
 
 
 def finite_row(row: dict) -> dict:
