@@ -69,7 +69,7 @@ def build_executor(args):
     if args.executor == "local":
         given = [flag for key, flag in RAY_FLAGS.items() if getattr(args, key) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} need --executor ray")
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --executor ray")
         return LocalPool(1 if args.workers is None else args.workers, args.checkpoint_every)
     if args.workers is not None:
         raise ValueError("--workers is for the local executor; with --executor ray the cluster runs as many runs "
