@@ -41,7 +41,8 @@ def sweep_parser(kind: str) -> ArgumentParser:
     parser.add_argument("--workers", type=int, default=None,
                         help="local executor: runs at once, each in its own process (default: 1)")
     parser.add_argument("--ray-address", default=None, metavar="ADDR",
-                        help="ray: the cluster to run on (auto, HOST:PORT; default: start a local Ray instance)")
+                        help="ray: the cluster to run on (auto: the one running on this machine, HOST:PORT; "
+                             "default: start a local Ray instance for this sweep)")
     parser.add_argument("--ray-cpus-per-run", type=float, default=None, metavar="N",
                         help="ray: CPUs each run declares, and its BLAS threads (default: 1)")
     parser.add_argument("--ray-gpus-per-run", type=float, default=None, metavar="N",

@@ -62,6 +62,7 @@ def read_files(run_dir: Path) -> dict:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -131,10 +132,11 @@ def train_task(payload: dict) -> dict:
 
 class RayExecutor:
     """Each run a Ray task with ``cpus_per_run`` CPUs (and BLAS threads) and ``gpus_per_run`` GPUs, retried
-    ``retries`` times when its worker dies. ``address``: a running cluster (``"auto"``, ``"HOST:PORT"``);
-    None starts a local Ray instance for the sweep. When Ray is already initialised in this process it is
-    used as it is (its job must make this repository importable on the workers, e.g. ``job_runtime_env()``).
-    ``task``: the function each task runs (``train_task``; tests wrap it)."""
+    ``retries`` times when its worker dies. ``address``: a running cluster (``"auto"``, ``"HOST:PORT"``,
+    ``"ray://HOST:PORT"``); None starts a local Ray instance for the sweep, even where one is running. When
+    Ray is already initialised in this process it is used as it is (its job must make this repository
+    importable on the workers, e.g. with ``job_runtime_env()``). ``task``: the function each task runs
+    (``train_task``; tests wrap it)."""
 
     def __init__(self, address=None, cpus_per_run: float = 1, gpus_per_run: float = 0, retries: int = 2,
                  checkpoint_every: str = "10", task=train_task):
@@ -150,6 +152,7 @@ class RayExecutor:
 
     @property
     def threads(self) -> str:
+        """Each run's BLAS threads: its whole CPUs (at least 1)."""
         return str(max(1, int(self.cpus_per_run)))
 
     def describe(self) -> str:
@@ -159,6 +162,7 @@ class RayExecutor:
                 f"thread(s), retried up to {self.retries} time(s) if its worker dies")
 
     def remote(self, ray):
+        """The task with its resources, retries and environment (the thread variables) declared."""
         env = {"env_vars": {var: self.threads for var in BLAS_THREAD_VARS}}
         return ray.remote(self.task).options(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
                                              max_retries=self.retries, retry_exceptions=False, runtime_env=env)
@@ -170,8 +174,13 @@ class RayExecutor:
         ray = import_ray()
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=self.address, runtime_env=job_runtime_env(), logging_level=logging.WARNING,
-                     **({} if self.address else {"include_dashboard": False}))
+            try:
+                ray.init(address=self.address or "local", runtime_env=job_runtime_env(),
+                         logging_level=logging.WARNING, **({} if self.address else {"include_dashboard": False}))
+            except ConnectionError as error:
+                cause = f" ({error.__cause__.__class__.__name__})" if error.__cause__ is not None else ""
+                raise ValueError(f"{error}{cause}; a cluster with token authentication needs its token here "
+                                 "(~/.ray/auth_token or RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token") from None
         try:
             return self._execute(ray, todo, on_done)
         finally:

@@ -16,6 +16,7 @@ ray = pytest.importorskip("ray", reason="Ray is optional and not installed: pip 
 from config import flatten  # noqa: E402
 from sweeps import results  # noqa: E402
 from sweeps.__main__ import main_cli, parse_sweep_args  # noqa: E402
+from sweeps.executors import BLAS_THREAD_VARS  # noqa: E402
 from sweeps.ray_executor import RayExecutor, job_runtime_env, train_task  # noqa: E402
 from sweeps.runner import run_sweep  # noqa: E402
 from sweeps.spec import expand  # noqa: E402
@@ -30,7 +31,7 @@ TIMING = {"elapsed_s", "wall_s", "ms_per_step", "ms_per_eval"}
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray instance for the module; its address lets a driver in a subprocess join it."""
-    context = ray.init(num_cpus=2, include_dashboard=False, runtime_env=job_runtime_env(),
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env=job_runtime_env(),
                        logging_level=logging.WARNING)
     yield context.address_info["address"]
     ray.shutdown()
@@ -139,3 +140,12 @@ def test_a_killed_driver_leaves_its_finished_runs_and_the_rerun_does_only_the_re
     assert f"{len(before)} done (skipped)" in capsys.readouterr().out
     after = summary_mtimes(out)
     assert len(after) == 3 and all(after[name] == mtime for name, mtime in before.items())
+
+
+def test_each_task_has_as_many_blas_threads_as_cpus_it_declares(cluster):
+    def thread_variables(payload):
+        return {var: os.environ.get(var) for var in BLAS_THREAD_VARS}
+
+    for cpus, threads in ((2, "2"), (1, "1"), (0.5, "1")):
+        task = RayExecutor(cpus_per_run=cpus, task=thread_variables).remote(ray)
+        assert ray.get(task.remote({})) == dict.fromkeys(BLAS_THREAD_VARS, threads)
