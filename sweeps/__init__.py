@@ -8,6 +8,7 @@
     optimizers.py, architecture.py   the specs, as data
     spec.py        Spec -> grids -> named, validated runs
     executors.py   how runs are run (LocalPool: worker processes, worker.py)
+    ray_executor.py  RayExecutor: each run a Ray task, its files shipped as bytes (--executor ray)
     results.py     the tables: a row per finished run, statistics per configuration
     runner.py      a whole sweep: plan, lock, execute, tables
     verdict.py     optimizer sweeps: tuning, search-edge extension, confirmation seeds, the verdict

@@ -35,7 +35,21 @@ def sweep_parser(kind: str) -> ArgumentParser:
     if kind == "architecture":
         parser.add_argument("--from-results", metavar="DIR", default=None,
                             help="take each optimizer's best configuration from an optimizer sweep's directory")
-    parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (default: 1)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: worker processes on this machine (default); ray: Ray tasks on a Ray cluster "
+                             "or a local Ray instance (pip install -r requirements-ray.txt)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="local executor: runs at once, each in its own process (default: 1)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="ray: the cluster to run on (auto: the one running on this machine, HOST:PORT; "
+                             "default: start a local Ray instance for this sweep)")
+    parser.add_argument("--ray-cpus-per-run", type=float, default=None, metavar="N",
+                        help="ray: CPUs each run declares, and its BLAS threads (default: 1)")
+    parser.add_argument("--ray-gpus-per-run", type=float, default=None, metavar="N",
+                        help="ray: GPUs each run declares (default: 0)")
+    parser.add_argument("--ray-retries", type=int, default=None, metavar="N",
+                        help="ray: times a run whose worker died is retried before it is recorded as failed "
+                             "(default: 2)")
     parser.add_argument("--checkpoint-every", default="10", metavar="INTERVAL",
                         help="each run's checkpoints: N (epochs), Nsteps, log:N or off (default: %(default)s); "
                              "a killed run continues from its latest")
@@ -63,15 +77,35 @@ def add_target_flag(parser) -> None:
                              "(default: each run's early stop, else 0.9)")
 
 
+RAY_FLAGS = {"ray_address": "--ray-address", "ray_cpus_per_run": "--ray-cpus-per-run",
+             "ray_gpus_per_run": "--ray-gpus-per-run", "ray_retries": "--ray-retries"}
+
+
+def build_executor(args):
+    """The executor the flags ask for; ValueError for a flag of the other executor, or Ray not installed."""
+    if args.executor == "local":
+        given = [flag for key, flag in RAY_FLAGS.items() if getattr(args, key) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --executor ray")
+        return LocalPool(1 if args.workers is None else args.workers, args.checkpoint_every)
+    if args.workers is not None:
+        raise ValueError("--workers is for the local executor; with --executor ray the cluster runs as many runs "
+                         "at once as its CPUs allow (see --ray-cpus-per-run)")
+    from sweeps.ray_executor import RayExecutor  # imports Ray itself only when it runs
+    cpus, gpus, retries = ((default if value is None else value) for value, default in
+                           ((args.ray_cpus_per_run, 1), (args.ray_gpus_per_run, 0), (args.ray_retries, 2)))
+    return RayExecutor(args.ray_address, cpus, gpus, retries, args.checkpoint_every)
+
+
 def parse_sweep_args(kind: str, argv: list) -> tuple:
-    """``(spec, args)`` from a sweep command line; ValueError for bad input."""
+    """``(spec, args, executor)`` from a sweep command line; ValueError for bad input."""
     parser = sweep_parser(kind)
     args, rest = parser.parse_known_args(argv)
     given = {key: text for key, text in vars(args).items() if text is not None and (key == "seed" or "." in key)}
     axes = {key: parse_list((PLURAL.get(key) or (KNOB[key].flag,))[0], text) for key, text in given.items()}
     axes.update({key: parse_list(f"--{key}", text) for key, text in parse_dotted(rest).items()})
     Interval.parse(args.checkpoint_every, "--checkpoint-every")
-    executor = LocalPool(args.workers, args.checkpoint_every)
+    executor = build_executor(args)
     spec = default_spec(kind)
     if getattr(args, "from_results", None):
         best = results.best_from_results(Path(args.from_results))

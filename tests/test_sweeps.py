@@ -123,6 +123,10 @@ def test_architecture_flag_replaces_a_knob_axis_and_keeps_the_center_on_it():
     (["--optimizers", "quad", "--beta2", "0.9,0.95"], "optim.beta2 is not a knob of quad (quad: lr,"),
     (["--optimizers", "quad", "--optim.preconditioner=dense,full"], "optim.preconditioner='full' must be one of"),
     (["--lrr", "1e-3"], "unrecognized argument"),
+    (["--executor", "dask"], "invalid choice: 'dask'"),
+    (["--ray-retries", "1"], "--ray-retries needs --executor ray"),
+    (["--ray-address", "auto", "--ray-cpus-per-run", "2"], "--ray-address, --ray-cpus-per-run need --executor ray"),
+    (["--executor", "ray", "--workers", "2"], "--workers is for the local executor"),
 ])
 def test_bad_input_is_one_line_with_status_2_and_writes_nothing(tmp_path, capsys, argv, message):
     if "quad" in argv and "quad" not in OPTIMIZERS:
@@ -132,6 +136,23 @@ def test_bad_input_is_one_line_with_status_2_and_writes_nothing(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_the_ray_executor_without_ray_is_a_one_line_error_saying_how_to_install_it(tmp_path, capsys,
+                                                                                    monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray gives: ImportError
+    out = tmp_path / "sweep"
+    assert main_cli(["optimizers", *TINY, "--executor", "ray", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --executor ray needs Ray, which is not installed: pip install -r requirements-ray.txt\n"
+    assert not out.exists()
+
+
+def test_nothing_but_the_ray_executor_imports_ray():
+    code = ("import sys, sweeps.__main__, sweeps.runner, sweeps.ray_executor, main; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_empty_grid_is_rejected():
