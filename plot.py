@@ -67,20 +67,25 @@ def run_title(run_dir) -> str:
             f"dim {m['dim']}, depth {m['depth']}, heads {m['heads']}; {opt}")
 
 
-def plot_run(run_dir, out_path, x_axis: str = "auto") -> list[Path]:
-    """Save the light figure at ``out_path`` and a dark-mode variant beside it (``*_dark.png``)."""
+def save_light_and_dark(draw, out_path, dpi: int = 150) -> list[Path]:
+    """Save ``draw(dark=False)`` at ``out_path`` and ``draw(dark=True)`` beside it (``*_dark.png``), atomically."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics, title = read_metrics(run_dir), run_title(run_dir)
     saved = []
     for dark, path in ((False, out_path), (True, out_path.with_name(out_path.stem + "_dark" + out_path.suffix))):
-        fig = draw_run(metrics, title, dark, x_axis)
+        fig = draw(dark)
         tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-        fig.savefig(tmp, dpi=150)
+        fig.savefig(tmp, dpi=dpi)
         plt.close(fig)
         tmp.replace(path)
         saved.append(path)
     return saved
+
+
+def plot_run(run_dir, out_path, x_axis: str = "auto") -> list[Path]:
+    """Save the light figure at ``out_path`` and a dark-mode variant beside it (``*_dark.png``)."""
+    metrics, title = read_metrics(run_dir), run_title(run_dir)
+    return save_light_and_dark(lambda dark: draw_run(metrics, title, dark, x_axis), out_path)
 
 
 def main(argv=None) -> int:

@@ -87,30 +87,26 @@ def probabilities(model, tokens: np.ndarray, p: int) -> np.ndarray:
 def draw_errors(cfg, tokens, labels, predicted, train_mask, path: Path) -> list[Path]:
     """A ``p x p`` map of (a, b): wrong answers coloured, training pairs marked; light and dark variants."""
     import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    import plot
     p = cfg.data.p
     grid = np.full((p, p), np.nan)  # 0 right, 1 wrong; NaN: not a pair (b = 0 for /)
     grid[tokens[:, 0], tokens[:, 2]] = (predicted != labels).astype(float)
-    saved = []
-    for dark, out in ((False, path), (True, path.with_name(path.stem + "_dark" + path.suffix))):
+
+    def draw(dark: bool):
         with plt.style.context("dark_background" if dark else "default"):
             fig, ax = plt.subplots(figsize=(6.2, 5.6))
             ax.imshow(grid.T, origin="lower", cmap=matplotlib.colors.ListedColormap(["0.85", "#d62728"]),
                       vmin=0, vmax=1, interpolation="nearest")
-            ta, tb = tokens[train_mask, 0], tokens[train_mask, 2]
-            ax.scatter(ta, tb, s=(120 / p) ** 2, c="0.2" if not dark else "0.95", marker="o", lw=0,
-                       label="training pair")
+            ax.scatter(tokens[train_mask, 0], tokens[train_mask, 2], s=(120 / p) ** 2,
+                       c="0.95" if dark else "0.2", marker="o", lw=0, label="training pair")
             ax.set(xlabel="a", ylabel="b", title=f"a {cfg.data.op} b mod {p}: wrong answers in red "
                                                  f"({int(np.nansum(grid))} of {len(labels)})")
             ax.legend(loc="upper right", fontsize=7, markerscale=6)
             fig.tight_layout()
-            tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-            fig.savefig(tmp, dpi=130)
-            plt.close(fig)
-            tmp.replace(out)
-            saved.append(out)
-    return saved
+        return fig
+    return plot.save_light_and_dark(draw, path, dpi=130)
 
 
 def main(argv=None) -> int:
