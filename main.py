@@ -23,8 +23,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     parser.add_argument("--checkpoint-every", default="10", metavar="INTERVAL",
                         help="resumable checkpoints (default: every %(default)s epochs, and at the end)")
-    parser.add_argument("--snapshot-every", default="5", metavar="INTERVAL",
-                        help="parameter snapshots for analysis (default: every %(default)s epochs)")
+    parser.add_argument("--snapshot-every", default="auto", metavar="INTERVAL",
+                        help="parameter snapshots for analysis (default auto: every 5 epochs, or 60 log-spaced "
+                             "snapshots when the budget is over 500 epochs or given in steps)")
     parser.add_argument("--plot", default="media/grokking.png",
                         help="figure path; a _dark variant is saved beside it (default: %(default)s)")
     parser.add_argument("--x-axis", choices=("auto", "linear", "log"), default="auto",
@@ -42,9 +43,10 @@ def parse_args(argv):
     overrides = merge_overrides(preset(args.preset) if args.preset else {},
                                 {k: parse_value(v) for k, v in texts.items()})
     args.checkpoint_every = checkpoints.Interval.parse(args.checkpoint_every, "--checkpoint-every")
-    args.snapshot_every = checkpoints.Interval.parse(args.snapshot_every, "--snapshot-every")
     if not args.resume:
-        return override(Config(), overrides), args
+        config = override(Config(), overrides)
+        args.snapshot_every = snapshot_interval(args.snapshot_every, config)
+        return config, args
     out = Path(args.out)
     if not checkpoints.checkpoint_dirs(out) or not (out / rundir.CONFIG).exists():
         raise ValueError(f"--resume: no checkpoint in {out} (nothing to resume)")
@@ -53,7 +55,17 @@ def parse_args(argv):
     changed = config_differences(saved, config)
     if changed:
         raise ValueError(f"--resume with flags that change the run's config: {'; '.join(changed)}")
+    args.snapshot_every = snapshot_interval(args.snapshot_every, config)
     return config, args
+
+
+def snapshot_interval(text: str, config: Config):
+    """``--snapshot-every``: ``auto`` keeps a long run's snapshots to 60, spread log-uniformly over its steps."""
+    if text != "auto":
+        return checkpoints.Interval.parse(text, "--snapshot-every")
+    train = config.resolved().train
+    short = train.steps is None and train.epochs <= 500
+    return checkpoints.Interval("epochs", 5) if short else checkpoints.Interval("log", 60)
 
 
 def main(argv=None) -> int:

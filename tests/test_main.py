@@ -237,3 +237,11 @@ def test_the_figure_uses_a_log_step_axis_when_a_run_spans_more_than_two_decades(
     rows = lambda steps: [{"step": s, "epoch": s / 10} for s in steps]
     assert plot.log_steps([rows([100, 1000, 100_000])]) and not plot.log_steps([rows([10, 500, 1000])])
     assert plot.log_steps([rows([10, 20])], "log") and not plot.log_steps([rows([1, 10 ** 6])], "linear")
+
+
+def test_snapshots_default_to_every_5_epochs_and_to_60_log_spaced_for_long_runs():
+    from training.checkpoints import Interval
+    assert parse_args([])[1].snapshot_every == Interval("epochs", 5)
+    assert parse_args(["--steps", "100000"])[1].snapshot_every == Interval("log", 60)
+    assert parse_args(["--epochs", "600"])[1].snapshot_every == Interval("log", 60)
+    assert parse_args(["--snapshot-every", "20steps"])[1].snapshot_every == Interval("steps", 20)
