@@ -12,6 +12,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from data import DataConfig
@@ -234,6 +235,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise ValueError(message)
+
+
+def check_out_dir(path, flag: str = "--out") -> None:
+    """ValueError when ``path`` exists and is not a directory."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a directory")
 
 
 def parse_value(text: str):

@@ -5,8 +5,8 @@ import json
 import sys
 from pathlib import Path
 
-from config import (PRESETS, ArgumentParser, Config, add_knob_flags, config_from_dict, merge_overrides, override,
-                    parse_dotted, parse_value, preset)
+from config import (PRESETS, ArgumentParser, Config, add_knob_flags, check_out_dir, config_from_dict, merge_overrides,
+                    override, parse_dotted, parse_value, preset)
 from training import checkpoints, rundir
 from training.loop import config_differences, train
 
@@ -38,6 +38,7 @@ def parse_args(argv):
     """``(config, args)`` from command-line arguments: the knob flags plus ``--section.field=value``; with
     ``--resume``, the run's saved config (flags may not change it)."""
     args, rest = build_parser().parse_known_args(argv)
+    check_out_dir(args.out)
     texts = {k: v for k, v in vars(args).items() if ("." in k or k == "seed") and v is not None}
     texts.update(parse_dotted(rest))
     overrides = merge_overrides(preset(args.preset) if args.preset else {},

@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 import sweeps
-from config import KNOB, ArgumentParser, add_knob_flags, parse_dotted, parse_value
+from config import KNOB, ArgumentParser, add_knob_flags, check_out_dir, parse_dotted, parse_value
 from optimizers import OPTIMIZERS
 from sweeps import results, verdict
 from sweeps.executors import LocalPool
@@ -101,6 +101,7 @@ def parse_sweep_args(kind: str, argv: list) -> tuple:
     """``(spec, args, executor)`` from a sweep command line; ValueError for bad input."""
     parser = sweep_parser(kind)
     args, rest = parser.parse_known_args(argv)
+    check_out_dir(args.out)
     given = {key: text for key, text in vars(args).items() if text is not None and (key == "seed" or "." in key)}
     axes = {key: parse_list((PLURAL.get(key) or (KNOB[key].flag,))[0], text) for key, text in given.items()}
     axes.update({key: parse_list(f"--{key}", text) for key, text in parse_dotted(rest).items()})

@@ -19,6 +19,7 @@ to find the task, and nothing at its top imports mlx, so ``fastblas`` loads firs
 """
 import contextlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -141,9 +142,9 @@ class RayExecutor:
     def __init__(self, address=None, cpus_per_run: float = 1, gpus_per_run: float = 0, retries: int = 2,
                  checkpoint_every: str = "10", task=train_task):
         import_ray()
-        if cpus_per_run <= 0:
+        if not 0 < cpus_per_run < math.inf:
             raise ValueError(f"--ray-cpus-per-run={cpus_per_run} must be > 0")
-        if gpus_per_run < 0:
+        if not 0 <= gpus_per_run < math.inf:
             raise ValueError(f"--ray-gpus-per-run={gpus_per_run} must be >= 0")
         if retries < 0:
             raise ValueError(f"--ray-retries={retries} must be >= 0")
