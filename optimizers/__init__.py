@@ -149,7 +149,7 @@ def build_optimizer(cfg: OptimConfig) -> optim.Optimizer:
 
 @register("adamw", lr_means="the step of each coordinate, about lr per step (the update is normalised by "
                             "its running RMS); decoupled weight decay w -= lr * weight_decay * w",
-          lr=rate(1e-3, (3e-4, 1e-3, 3e-3)), weight_decay=rate(1.0, (0.1, 0.3, 1.0), limits=(1e-4, 10.0)),
+          lr=rate(1e-3, (1e-3, 3e-3, 1e-2)), weight_decay=rate(1.0, (0.3, 1.0, 3.0), limits=(1e-4, 10.0)),
           beta1=coefficient(0.9, (0.9,)), beta2=coefficient(0.98, (0.98,)))
 def adamw(cfg: OptimConfig) -> optim.Optimizer:
     return optim.AdamW(learning_rate=warmup_schedule(cfg), betas=[cfg.beta1, cfg.beta2],
@@ -162,7 +162,7 @@ from optimizers.quad import QUAD  # noqa: E402  (after the registry helpers; qua
 # Not named ``quad``: that would shadow the ``optimizers.quad`` module for ``import optimizers.quad``.
 @register("quad", lr_means="the update is lr / 3 times the whitened momentum P m (QUAD's update_scale, "
                            "to match Adam's update norm); decoupled weight decay w -= lr * weight_decay * w",
-          lr=rate(3e-3, (1e-3, 3e-3, 1e-2)), weight_decay=rate(0.3, (0.1, 0.3, 1.0), limits=(1e-4, 10.0)),
+          lr=rate(3e-3, (3e-3, 1e-2, 3e-2)), weight_decay=rate(0.3, (0.3, 1.0, 3.0), limits=(1e-4, 10.0)),
           momentum=coefficient(0.9, (0.9,)), preconditioner_lr=rate(1.0, (1.0,), limits=(0.01, 2.0)),
           preconditioner=choice("dense", ("dense", "diagonal")))
 def quad_optimizer(cfg: OptimConfig) -> optim.Optimizer:

@@ -2,7 +2,10 @@
 last block, per-token q/k/v, shared prefixes) vs the plain ``Transformer``, a batch split over two CPU streams
 vs the whole batch vs the plain Trainer's step, evaluation on streams vs the plain evaluation, and an epoch
 with masks drawn ahead vs its steps one by one."""
+import platform
+import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -234,3 +237,25 @@ def test_first_block_qkv_looked_up_per_token_equals_the_projections_logits_and_g
     model.eval()
     past = looked_up.prefix_keys_values(tokens[:, :2])
     assert rel_err(looked_up.logits_after(tokens[:, 2:], past), projected.logits_after(tokens[:, 2:], past)) <= 1e-5
+
+
+SUBNORMAL_PROBE = """
+import fastblas, mlx.core as mx
+from config import Config, override
+from training.speed.trainer import FastTrainer
+tiny = mx.array([1e-38, 3.0], dtype=mx.float32)  # 1e-38 * 0.5 is subnormal; 3 * 0.5 is not
+before = (tiny * 0.5).tolist()
+trainer = FastTrainer(override(Config(), {"data.p": 11, "model.dim": 32, "model.heads": 2}))
+with mx.stream(trainer.streams[0]):
+    after = (tiny * 0.5).tolist()
+print(before[0] > 0, before[1], after[0], after[1])
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="flush-to-zero is set on x86-64 Linux only")
+def test_fast_trainer_flushes_subnormals_on_its_streams_and_leaves_normal_values_alone():
+    # A fresh interpreter: the floating-point mode is per thread and inherited, so this process may have it set.
+    probe = subprocess.run([sys.executable, "-c", SUBNORMAL_PROBE], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parent.parent)
+    assert probe.stdout.split() == ["True", "1.5", "0.0", "1.5"]

@@ -7,7 +7,7 @@ plain path (``tests/test_speed_paths.py``). The trainer is chosen once (``traini
     model.py     FastModel: the forward pass with the last block pruned to the read-out position, the first
                  block's q/k/v looked up per token, and prefixes shared across evaluation rows
     trainer.py   FastTrainer: batches split over two CPU streams, dropout masks drawn a step ahead, BLAS
-                 threads and glibc malloc settings
+                 threads, glibc malloc settings, subnormals flushed to zero
 """
 import os
 import sys
