@@ -23,13 +23,11 @@ import sys, time, json
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 import fastblas
-import training.speed
 import training.speed.trainer as speed
 if not {flush}:
     speed.flush_subnormals = lambda: False
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_unflatten
 import data
 from config import config_from_dict
 from training import checkpoints
@@ -38,6 +36,8 @@ run = {run!r}
 cfg = config_from_dict(json.load(open(run + "/config.json"))).resolved()
 trainer = speed.FastTrainer(cfg)
 checkpoint = checkpoints.latest_checkpoint(Path(run))
+if checkpoint is None:
+    sys.exit("no readable checkpoint")
 trainer.load_state(checkpoint.parameters, checkpoint.optimizer_state)
 x, y, _, _ = data.split(cfg.data, np.random.default_rng(cfg.seed))
 x, y = mx.array(x), mx.array(y)
@@ -55,7 +55,10 @@ print(json.dumps({{"step": checkpoint.meta["step"], "ms_per_step": 1e3 * seconds
 
 def measure(run: Path, flush: bool, epochs: int) -> dict:
     code = CHILD.format(repo=str(REPO), flush=flush, run=str(run), epochs=epochs)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"error: measuring {run} failed: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -65,8 +68,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args(argv)
-    if not (args.run / "checkpoints").is_dir():
-        parser.error(f"{args.run} has no checkpoints/")
+    for flag, value in (("--repeats", args.repeats), ("--epochs", args.epochs)):
+        if value < 1:
+            parser.error(f"{flag}={value} must be >= 1")
+    if not (args.run / "config.json").is_file() or not list((args.run / "checkpoints").glob("step_*")):
+        parser.error(f"{args.run} is not a run directory with checkpoints (config.json, checkpoints/step_*)")
     times = {True: [], False: []}
     for _ in range(args.repeats):
         for flush in (True, False):
