@@ -63,7 +63,7 @@ def list_snapshots(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_snapshot(path: Path, step: int, metrics: list[dict]) -> tuple[dict, int | None, int]:
+def load_snapshot(path: Path, step: int, metrics: list[dict]) -> tuple[dict, int | float | None, int]:
     """``(arrays, epoch, step)``; epoch and step from the file's metadata, else the step from its name and
     the epoch of the metrics row at that step (None if there is none)."""
     try:
@@ -74,7 +74,10 @@ def load_snapshot(path: Path, step: int, metrics: list[dict]) -> tuple[dict, int
     epoch = meta.get("epoch")
     if epoch is None:
         epoch = next((r["epoch"] for r in metrics if r.get("step") == step), None)
-    return arrays, None if epoch is None else int(epoch), step
+    if epoch is not None:  # a snapshot between epochs (step budgets, log-spaced) has a fractional one
+        epoch = float(epoch)
+        epoch = int(epoch) if epoch.is_integer() else epoch
+    return arrays, epoch, step
 
 
 def forward(call, tokens: np.ndarray, chunk: int) -> np.ndarray:

@@ -278,3 +278,12 @@ def test_a_snapshot_without_metadata_takes_its_step_from_the_name_and_its_epoch_
     assert [(r["epoch"], r["step"]) for r in rows] == [(1, 3), (2, 6)]
     assert sorted(p.name for p in run.iterdir()) == ["analysis.json", "analysis.jsonl", "config.json",
                                                        "metrics.jsonl", "snapshots"]
+
+
+def test_a_snapshot_taken_between_epochs_keeps_its_fractional_epoch(tmp_path):
+    from analysis.run import load_snapshot
+    from training.checkpoints import save_snapshot
+    model = models.Transformer(models.ModelConfig(dim=16, depth=1, heads=1), 9)
+    path = save_snapshot(tmp_path, model, 0.1, 1)
+    assert load_snapshot(path, 1, [])[1:] == (0.1, 1)
+    assert load_snapshot(save_snapshot(tmp_path, model, 3.0, 30), 30, [])[1:] == (3, 30)
