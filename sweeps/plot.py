@@ -27,6 +27,7 @@ from training.rundir import read_metrics  # noqa: E402
 
 # The column holding the budget at which an unsolved run is censored, per plotted quantity.
 CENSOR_AT = {"epochs_to_target": "train.epochs", "steps_to_target": "steps_run"}
+BUDGET_AT = {"epochs_to_target": "budget_epochs", "steps_to_target": "budget_steps"}  # where an open band ends
 KNOB_FREE = tuple(f"optim.{k}" for k in KNOB_FIELDS) + (
     "optim.warmup_steps", "data.p", "data.op", "data.train_fraction", "train.epochs", "train.early_stop_val_acc")
 UNITS = {"epochs_to_target": "epochs", "steps_to_target": "optimizer steps"}
@@ -78,7 +79,8 @@ def plot_sweep(ax, rows: list[dict], x: str, y: str = "epochs_to_target", hue: s
             unit = y.split("_")[0]
             km = censored_statistics(here)
             if km[f"{unit}_km_median"] is not None:
-                budget = max(r.get(censor_key) or 0 for r in here) if censor_key else math.nan
+                budget_key = BUDGET_AT.get(y) if all(BUDGET_AT.get(y) in r for r in here) else censor_key
+                budget = max(r.get(budget_key) or 0 for r in here) if budget_key else math.nan
                 xs.append(xv)
                 med.append(km[f"{unit}_km_median"])
                 lo.append(km[f"{unit}_km_lower"])
@@ -378,7 +380,13 @@ def architecture_figures(rows: list[dict], media: Path, colors: dict, knobs: lis
         fig.tight_layout()
         saved.append(save(fig, media / f"arch_{knob.split('.')[-1]}.png"))
     overview.suptitle(f"One knob at a time around {describe_config(center, knobs)}; {setting(rows)}", fontsize=10)
-    overview.tight_layout()
+    # one legend for the whole grid, below it, where it hides no panel's lines
+    first = grid[0][0].get_legend()
+    if first is not None:
+        handles = first.legend_handles
+        first.remove()
+        overview.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    overview.tight_layout(rect=(0, 0.05, 1, 1))
     saved.append(save(overview, media / "arch_overview.png"))
     return saved
 

@@ -347,6 +347,14 @@ def test_figures_from_synthetic_rows_mark_censored_runs(tmp_path):
     assert len(censored) == 1  # three unsolved adamw seeds at dim 64, at the budget
     assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"adamw", "third", "not reached (at budget)"}
     assert sweep_plot.save(fig, tmp_path / "sweep.png").stat().st_size > 5_000
+    # one seed that reached the target leaves the median's upper end open: the band runs up to the budget,
+    # in steps as in epochs, not to the step the run stopped at
+    for y, budget in (("epochs_to_target", 400), ("steps_to_target", 4000)):
+        fig, ax = plt.subplots()
+        sweep_plot.plot_sweep(ax, [synthetic("adamw", 0, 100, dim=d) for d in (16, 32)], x="model.dim", y=y)
+        (band,) = [c for c in ax.collections if c.get_paths()]
+        assert band.get_paths()[0].vertices[:, 1].max() == budget
+        plt.close(fig)
     grid = [synthetic("adamw", s, None if lr == 1e-3 else 100 + s, lr=lr, wd=wd)
             for lr in (1e-3, 3e-3) for wd in (0.0, 0.3) for s in range(2)]
     fig, ax = plt.subplots()
