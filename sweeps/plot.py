@@ -362,31 +362,36 @@ def optimizer_figures(out: Path, v, media: Path, colors: dict) -> list[Path]:
     return saved
 
 
+def legend_below(fig, ax, rows: int = 1) -> None:
+    """Move ``ax``'s legend under the whole (constrained-layout) figure, where it hides no panel's lines."""
+    legend = ax.get_legend()
+    if legend is not None:
+        handles = legend.legend_handles
+        legend.remove()
+        fig.legend(handles=handles, loc="outside lower center", ncol=-(-len(handles) // rows), fontsize=9,
+                   frameon=False)
+
+
 def architecture_figures(rows: list[dict], media: Path, colors: dict, knobs: list, center: dict) -> list[Path]:
     """``arch_<knob>.png`` per knob (epochs and steps to target against its value, the other knobs at
     ``center``) and ``arch_overview.png`` (every knob, epochs and steps)."""
     saved = []
-    overview, grid = plt.subplots(2, len(knobs), figsize=(3.6 * len(knobs), 6.6), squeeze=False)
+    overview, grid = plt.subplots(2, len(knobs), figsize=(3.6 * len(knobs), 6.6), squeeze=False,
+                                  layout="constrained")
     for col, knob in enumerate(knobs):
         sub = [r for r in rows if all(r.get(k) == center[k] for k in knobs if k != knob)]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
         for ax, y in zip(axes, ("epochs_to_target", "steps_to_target")):
-            plot_sweep(ax, sub, x=knob, y=y, colors=colors)
+            plot_sweep(ax, sub, x=knob, y=y, colors=colors, legend=ax is axes[0])
             row = ["epochs_to_target", "steps_to_target"].index(y)
             plot_sweep(grid[row][col], sub, x=knob, y=y, colors=colors, legend=(row, col) == (0, 0))
         others = describe_config(center, [k for k in knobs if k != knob])
         fig.suptitle(f"{label(knob)}: time to target per optimizer at its best configuration\n"
                      f"others at {others}; {setting(sub)}", fontsize=9)
-        fig.tight_layout()
+        legend_below(fig, axes[0], rows=2)
         saved.append(save(fig, media / f"arch_{knob.split('.')[-1]}.png"))
     overview.suptitle(f"One knob at a time around {describe_config(center, knobs)}; {setting(rows)}", fontsize=10)
-    # one legend for the whole grid, below it, where it hides no panel's lines
-    first = grid[0][0].get_legend()
-    if first is not None:
-        handles = first.legend_handles
-        first.remove()
-        overview.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
-    overview.tight_layout(rect=(0, 0.05, 1, 1))
+    legend_below(overview, grid[0][0])
     saved.append(save(overview, media / "arch_overview.png"))
     return saved
 
