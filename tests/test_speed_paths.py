@@ -2,7 +2,9 @@
 last block, per-token q/k/v, shared prefixes) vs the plain ``Transformer``, a batch split over two CPU streams
 vs the whole batch vs the plain Trainer's step, evaluation on streams vs the plain evaluation, and an epoch
 with masks drawn ahead vs its steps one by one."""
+import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +74,37 @@ def test_silu_gate_matches_nn_silu_with_dropout_forward_and_backward():
     assert rel_err(fast(a, b), exact(a, b)) <= 1e-6
     for g_fast, g_exact in zip(mx.grad(fast, argnums=(0, 1))(a, b), mx.grad(exact, argnums=(0, 1))(a, b)):
         assert rel_err(g_fast, g_exact) <= 1e-6
+
+
+@pytest.mark.parametrize("queries,keys,mask", [(4, 4, "causal"), (1, 4, None), (2, 4, "after a prefix")])
+def test_attend_matches_fused_attention_forward_and_backward(queries, keys, mask):
+    q = mx.random.normal((6, 2, queries, 16), key=mx.random.key(0))
+    k, v = (mx.random.normal((6, 2, keys, 16), key=mx.random.key(i)) for i in (1, 2))
+    w = mx.random.normal(q.shape, key=mx.random.key(3))
+    visible = mx.arange(keys)[None] <= mx.arange(keys - queries, keys)[:, None]  # causal, after the prefix
+    fused_mask = {"causal": "causal", None: None, "after a prefix": visible}[mask]
+    bias = mx.where(visible, 0.0, -mx.inf)
+
+    def fast(q, k, v):
+        return (kernels.attend(q, k, v, bias, mx.array(0.25))[0] * w).sum()
+
+    def fused(q, k, v):
+        return (mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=fused_mask) * w).sum()
+
+    assert rel_err(kernels.attend(q, k, v, bias, mx.array(0.25))[0],
+                   mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=fused_mask)) <= 1e-6
+    for g_fast, g_fused in zip(mx.grad(fast, argnums=(0, 1, 2))(q, k, v), mx.grad(fused, argnums=(0, 1, 2))(q, k, v)):
+        assert rel_err(g_fast, g_fused) <= 1e-5
+
+
+def test_linear_matches_nn_linear_forward_and_backward():
+    layer = nn.Linear(24, 40, bias=False)
+    x, w = mx.random.normal((3, 5, 24), key=mx.random.key(0)), mx.random.normal((3, 5, 40), key=mx.random.key(1))
+    assert rel_err(kernels.linear(x, layer.weight), layer(x)) <= 1e-6
+    fast = mx.grad(lambda x, weight: (kernels.linear(x, weight) * w).sum(), argnums=(0, 1))(x, layer.weight)
+    plain = mx.grad(lambda x, weight: ((x @ weight.T) * w).sum(), argnums=(0, 1))(x, layer.weight)
+    for g_fast, g_plain in zip(fast, plain):
+        assert g_fast.shape == g_plain.shape and rel_err(g_fast, g_plain) <= 1e-6
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -259,3 +292,39 @@ def test_fast_trainer_flushes_subnormals_on_its_streams_and_leaves_normal_values
     probe = subprocess.run([sys.executable, "-c", SUBNORMAL_PROBE], capture_output=True, text=True, check=True,
                            cwd=Path(__file__).resolve().parent.parent)
     assert probe.stdout.split() == ["True", "1.5", "0.0", "1.5"]
+
+
+KERNEL_BUILD_PROBE = """
+import hashlib, os, sys
+import fastblas
+from training.speed.compiler import build_kernels_for_this_cpu
+built = build_kernels_for_this_cpu() if sys.argv[1] == "native" else False
+import mlx.core as mx
+from training.speed import kernels
+a, b = mx.random.normal((64, 257), key=mx.random.key(1)), mx.random.normal((64, 257), key=mx.random.key(2))
+keep = mx.random.bernoulli(0.8, (64, 257), key=mx.random.key(3))
+def loss(a, b):
+    return (kernels.silu_gate(a, b, keep, mx.array(1.25))[0] * a).sum() + kernels.fast_sigmoid(b).sum()
+outputs = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))(a, b)
+mx.eval(outputs)
+digest = hashlib.sha256(b"".join(bytes(memoryview(x)) for x in [outputs[0], *outputs[1]])).hexdigest()
+print(built, digest, any("mlx-kernels-" in line and ".so" in line for line in open("/proc/self/maps")))
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64")
+                    or shutil.which("g++") is None, reason="kernels are built for the CPU on x86-64 Linux with g++")
+def test_kernels_built_for_this_cpu_are_loaded_and_compute_the_same_bits():
+    # Fresh interpreters: the compiler wrapper and kernel cache are per process, and inherited, so the
+    # probes get the environment without those of any FastTrainer this process built.
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR" or "mlx-kernels-" not in v}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "mlx-kernels-" not in p)
+
+    def probe(kind):
+        done = subprocess.run([sys.executable, "-c", KERNEL_BUILD_PROBE, kind], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent.parent, env=env)
+        return done.stdout.split()
+    native, baseline = probe("native"), probe("baseline")
+    assert native[0] == "True" and native[2] == "True"  # the kernels came from the CPU-specific cache
+    assert baseline[0] == "False" and baseline[2] == "False"
+    assert native[1] == baseline[1]

@@ -9,7 +9,8 @@ There MLX runs each stream's elementwise work on one thread, so:
 - evaluation splits its rows over the two streams and computes prefixes shared by many rows once;
 - glibc keeps freed memory for reuse (``keep_freed_memory``);
 - subnormal floats are flushed to zero on x86-64 (``flush_subnormals``), which only changes values below
-  1.2e-38 and keeps late, weight-decay-free training from slowing down severalfold.
+  1.2e-38 and keeps late, weight-decay-free training from slowing down severalfold;
+- MLX's fused kernels are built for this CPU (``compiler.build_kernels_for_this_cpu``).
 """
 import contextlib
 import ctypes
@@ -25,6 +26,7 @@ from mlx.utils import tree_map
 
 import fastblas
 from config import Config
+from training.speed.compiler import build_kernels_for_this_cpu
 from training.speed.model import FastModel
 from training.trainer import EVAL_CHUNK, Trainer, loss_and_correct
 
@@ -101,6 +103,7 @@ class FastTrainer(Trainer):
 
     def __init__(self, cfg: Config, optimizer: Optional[optim.Optimizer] = None, streams: int = 2):
         """``streams``: how many CPU streams a batch and an evaluation are split over (1: no split)."""
+        build_kernels_for_this_cpu()  # before the first fused kernel is built
         super().__init__(cfg, optimizer)
         model, optimizer = self.model, self.optimizer
         self.fast = fast = FastModel(model, cfg.model)

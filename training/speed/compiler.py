@@ -1,0 +1,52 @@
+"""MLX's fused CPU kernels built for the machine they run on.
+
+MLX JIT-compiles each fused elementwise kernel by running ``g++ -std=c++17 -O3 -Wall -fPIC -shared`` from
+``PATH`` (the Linux wheel adds no ``-march``), so the kernels use baseline x86-64 SSE2: no AVX2, no
+AVX-512, and every ``fmaf`` in MLX's ``exp`` is a libm call. ``build_kernels_for_this_cpu`` puts a ``g++``
+first on this process's ``PATH`` that adds flags for this CPU, and points MLX's kernel cache (it keeps one
+shared library per kernel under ``$TMPDIR/mlx/<version>/cpu`` and reuses any it finds) at a directory of
+its own, named after the compiler, the flags and the CPU, so kernels built one way are never loaded for
+the other. ``-ffp-contract=off`` keeps ``a * b + c`` two roundings, as in the baseline build, so the
+kernels compute the same floats, only faster.
+"""
+import hashlib
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+FLAGS = ("-march=native", "-ffp-contract=off")
+
+
+def cpu_signature() -> str:
+    """The CPU's model name and feature flags (Linux), which decide what ``-march=native`` builds."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [line for line in lines if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def build_kernels_for_this_cpu(flags: tuple = FLAGS) -> bool:
+    """Have MLX build the fused CPU kernels this process compiles from now on with ``flags`` added (Linux on
+    x86-64 with ``g++`` on ``PATH``); returns whether it did. Kernels already loaded stay as they were."""
+    compiler = shutil.which("g++")
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64") or compiler is None:
+        return False
+    key = hashlib.sha256("\n".join([os.path.realpath(compiler), *flags, cpu_signature()]).encode()).hexdigest()
+    root = Path(tempfile.gettempdir()) / f"mlx-kernels-{key[:16]}"
+    wrapper = root / "bin" / "g++"
+    if os.environ["PATH"].split(os.pathsep)[0] == str(wrapper.parent):
+        return True
+    if not wrapper.exists():
+        wrapper.parent.mkdir(parents=True, exist_ok=True)
+        quoted = " ".join(f"'{f}'" for f in flags)
+        staged = wrapper.with_name(f"g++.{os.getpid()}")
+        staged.write_text(f'#!/bin/sh\nexec \'{compiler}\' "$@" {quoted}\n')
+        staged.chmod(0o755)
+        os.replace(staged, wrapper)  # whole or absent, also with several processes starting at once
+    os.environ["PATH"] = os.pathsep.join([str(wrapper.parent), os.environ["PATH"]])
+    os.environ["TMPDIR"] = str(root)  # MLX's kernel cache: $TMPDIR/mlx/<version>/cpu, read at each build
+    return True
