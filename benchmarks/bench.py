@@ -41,33 +41,24 @@ import data  # noqa: E402
 from config import Config, override  # noqa: E402
 from optimizers import OPTIMIZERS  # noqa: E402
 from training.loop import build_trainer, train  # noqa: E402
-import training.speed.model as fast_model  # noqa: E402
 from training.speed.trainer import FastTrainer  # noqa: E402
 from training.trainer import EVAL_CHUNK, Trainer  # noqa: E402
 
 
 def linear_shapes(forward, *args) -> list:
-    """``(M, K, N)`` of every ``nn.Linear`` that ``forward(*args)`` calls (``(M, K) @ (K, N)``), directly or
-    through the speed layer's ``dense``: the model's code itself, run lazily (nothing is computed), records
-    what it multiplies."""
-    shapes, original, original_dense = [], nn.Linear.__call__, fast_model.dense
-
-    def record(layer, x):
-        shapes.append((math.prod(x.shape[:-1]), layer.weight.shape[1], layer.weight.shape[0]))
+    """``(M, K, N)`` of every ``nn.Linear`` that ``forward(*args)`` calls (``(M, K) @ (K, N)``): the model's
+    code itself, run lazily (nothing is computed), records what it multiplies."""
+    shapes, original = [], nn.Linear.__call__
 
     def recording(self, x):
-        record(self, x)
+        shapes.append((math.prod(x.shape[:-1]), self.weight.shape[1], self.weight.shape[0]))
         return original(self, x)
 
-    def recording_dense(layer, x):
-        record(layer, x)
-        return original_dense(layer, x)
-
-    nn.Linear.__call__, fast_model.dense = recording, recording_dense
+    nn.Linear.__call__ = recording
     try:
         forward(*args)
     finally:
-        nn.Linear.__call__, fast_model.dense = original, original_dense
+        nn.Linear.__call__ = original
     return shapes
 
 

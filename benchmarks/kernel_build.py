@@ -73,7 +73,8 @@ def main(argv=None) -> int:
           f"{args.repeats} alternating repeats, fresh processes")
     for native, name in ((False, "baseline kernels"), (True, "kernels for this CPU")):
         m = med[native]
-        print(f"  {name:22s} step {m['ms_per_step']:6.1f} ms   eval {m['ms_per_eval']:6.1f} ms   wall {m['wall_s']:6.1f} s")
+        print(f"  {name:22s} step {m['ms_per_step']:6.1f} ms   eval {m['ms_per_eval']:6.1f} ms   "
+              f"wall {m['wall_s']:6.1f} s")
     b, n = med[False], med[True]
     print(f"  baseline / this CPU: step {b['ms_per_step'] / n['ms_per_step']:.3f}   eval "
           f"{b['ms_per_eval'] / n['ms_per_eval']:.3f}   wall {b['wall_s'] / n['wall_s']:.3f}")

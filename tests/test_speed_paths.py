@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -74,37 +75,6 @@ def test_silu_gate_matches_nn_silu_with_dropout_forward_and_backward():
     assert rel_err(fast(a, b), exact(a, b)) <= 1e-6
     for g_fast, g_exact in zip(mx.grad(fast, argnums=(0, 1))(a, b), mx.grad(exact, argnums=(0, 1))(a, b)):
         assert rel_err(g_fast, g_exact) <= 1e-6
-
-
-@pytest.mark.parametrize("queries,keys,mask", [(4, 4, "causal"), (1, 4, None), (2, 4, "after a prefix")])
-def test_attend_matches_fused_attention_forward_and_backward(queries, keys, mask):
-    q = mx.random.normal((6, 2, queries, 16), key=mx.random.key(0))
-    k, v = (mx.random.normal((6, 2, keys, 16), key=mx.random.key(i)) for i in (1, 2))
-    w = mx.random.normal(q.shape, key=mx.random.key(3))
-    visible = mx.arange(keys)[None] <= mx.arange(keys - queries, keys)[:, None]  # causal, after the prefix
-    fused_mask = {"causal": "causal", None: None, "after a prefix": visible}[mask]
-    bias = mx.where(visible, 0.0, -mx.inf)
-
-    def fast(q, k, v):
-        return (kernels.attend(q, k, v, bias, mx.array(0.25))[0] * w).sum()
-
-    def fused(q, k, v):
-        return (mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=fused_mask) * w).sum()
-
-    assert rel_err(kernels.attend(q, k, v, bias, mx.array(0.25))[0],
-                   mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=fused_mask)) <= 1e-6
-    for g_fast, g_fused in zip(mx.grad(fast, argnums=(0, 1, 2))(q, k, v), mx.grad(fused, argnums=(0, 1, 2))(q, k, v)):
-        assert rel_err(g_fast, g_fused) <= 1e-5
-
-
-def test_linear_matches_nn_linear_forward_and_backward():
-    layer = nn.Linear(24, 40, bias=False)
-    x, w = mx.random.normal((3, 5, 24), key=mx.random.key(0)), mx.random.normal((3, 5, 40), key=mx.random.key(1))
-    assert rel_err(kernels.linear(x, layer.weight), layer(x)) <= 1e-6
-    fast = mx.grad(lambda x, weight: (kernels.linear(x, weight) * w).sum(), argnums=(0, 1))(x, layer.weight)
-    plain = mx.grad(lambda x, weight: ((x @ weight.T) * w).sum(), argnums=(0, 1))(x, layer.weight)
-    for g_fast, g_plain in zip(fast, plain):
-        assert g_fast.shape == g_plain.shape and rel_err(g_fast, g_plain) <= 1e-6
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -328,3 +298,17 @@ def test_kernels_built_for_this_cpu_are_loaded_and_compute_the_same_bits():
     assert native[0] == "True" and native[2] == "True"  # the kernels came from the CPU-specific cache
     assert baseline[0] == "False" and baseline[2] == "False"
     assert native[1] == baseline[1]
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64")
+                    or shutil.which("g++") is None, reason="kernels are built for the CPU on x86-64 Linux with g++")
+def test_a_child_process_reuses_the_kernel_build_it_inherits(tmp_path, monkeypatch):
+    from training.speed import compiler
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # both restored after the test
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR afresh, as a new process does
+    assert compiler.build_kernels_for_this_cpu()
+    inherited = dict(os.environ)
+    assert Path(inherited["TMPDIR"]).parent == tmp_path and (Path(inherited["TMPDIR"]) / "bin" / "g++").exists()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # a sweep worker started from here: same wrapper and cache
+    assert compiler.build_kernels_for_this_cpu() and dict(os.environ) == inherited

@@ -3,8 +3,7 @@ outside macOS, from the same parameters (same names: checkpoints are interchange
 plain path (``tests/test_speed_paths.py``). The trainer is chosen once (``training.loop.build_trainer``).
 
     kernels.py   fused elementwise kernels: the SiLU gate with dropout, a sigmoid from multiply-adds, a
-                 gather whose gradient is one matmul; attention and linear layers with their backward
-                 passes written out
+                 gather whose gradient is one matmul
     compiler.py  MLX's fused kernels built for this CPU (a g++ wrapper adding -march=native)
     model.py     FastModel: the forward pass with the last block pruned to the read-out position, the first
                  block's q/k/v looked up per token, and prefixes shared across evaluation rows

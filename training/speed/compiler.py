@@ -32,11 +32,17 @@ def cpu_signature() -> str:
 def build_kernels_for_this_cpu(flags: tuple = FLAGS) -> bool:
     """Have MLX build the fused CPU kernels this process compiles from now on with ``flags`` added (Linux on
     x86-64 with ``g++`` on ``PATH``); returns whether it did. Kernels already loaded stay as they were."""
-    compiler = shutil.which("g++")
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64") or compiler is None:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    # The real compiler: a process started from one that called this has the wrapper first on its PATH.
+    search = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+              if not Path(d).parent.name.startswith("mlx-kernels-")]
+    compiler = shutil.which("g++", path=os.pathsep.join(search))
+    if compiler is None:
         return False
     key = hashlib.sha256("\n".join([os.path.realpath(compiler), *flags, cpu_signature()]).encode()).hexdigest()
-    root = Path(tempfile.gettempdir()) / f"mlx-kernels-{key[:16]}"
+    name, tmp = f"mlx-kernels-{key[:16]}", Path(tempfile.gettempdir())
+    root = tmp if tmp.name == name else tmp / name  # a child process inherits this process's TMPDIR
     wrapper = root / "bin" / "g++"
     if os.environ["PATH"].split(os.pathsep)[0] == str(wrapper.parent):
         return True

@@ -4,9 +4,6 @@ There MLX's exp and sigmoid call the C library's ``fmaf`` for every polynomial s
 first block alone cost more than all its matmuls. ``fast_sigmoid`` is the same Cephes polynomial MLX uses,
 written as plain multiply-adds that ``mx.compile`` fuses into a few generated loops, and the gate gets an
 explicit backward pass that reuses the forward sigmoid. Both agree with ``nn.silu`` to float32 rounding.
-
-Two derivatives are written out where MLX's cost more than the arithmetic: attention over these short
-sequences (``attend``) and the weight gradient of a linear layer (``linear``), computed in the weight's layout.
 """
 import mlx.core as mx
 
@@ -58,45 +55,6 @@ def _silu_gate_vjp(primals, cotangents, outputs):
     da = (((g * keep) * scale) * b) * (s * (1.0 + a * (1.0 - s)))
     db = (((g * keep) * scale) * a) * s
     return da, db, mx.zeros_like(keep), mx.zeros_like(scale)
-
-
-@mx.custom_function
-def attend(q: mx.array, k: mx.array, v: mx.array, bias: mx.array, scale: mx.array):
-    """``(softmax(q k^T scale + bias) v, the softmax)`` for queries ``q`` ``(..., Lq, d)``, keys and values
-    ``(..., Lk, d)`` and an additive mask ``bias`` ``(Lq, Lk)`` (0 or -inf): attention as
-    ``mx.fast.scaled_dot_product_attention`` computes it, with a backward pass written out. For these
-    sequences of 4 tokens, MLX's own derivative of the fused attention took ~9x this one's time on the CPU.
-
-    The second output is for the backward pass (it takes no gradient).
-    """
-    weights = mx.softmax((q @ k.swapaxes(-1, -2)) * scale + bias, axis=-1)
-    return weights @ v, weights
-
-
-@attend.vjp
-def _attend_vjp(primals, cotangents, outputs):
-    q, k, v, bias, scale = primals
-    g, weights = cotangents[0], outputs[1]
-    d_weights = g @ v.swapaxes(-1, -2)
-    d_scores = (weights * (d_weights - (d_weights * weights).sum(-1, keepdims=True))) * scale
-    return (d_scores @ k, d_scores.swapaxes(-1, -2) @ q, weights.swapaxes(-1, -2) @ g,
-            mx.zeros_like(bias), mx.zeros_like(scale))
-
-
-@mx.custom_function
-def linear(x: mx.array, weight: mx.array) -> mx.array:
-    """``x @ weight.T``, as a bias-free ``nn.Linear``, whose weight gradient is computed as ``g.T @ x``: in
-    the weight's own row-major layout. MLX's derivative of ``x @ weight.T`` is the transpose of ``x.T @ g``,
-    a column-major view, and everything downstream of it (adding the halves' gradients, the optimizer
-    update) then runs strided loops or copies."""
-    return x @ weight.T
-
-
-@linear.vjp
-def _linear_vjp(primals, cotangent, output):
-    x, weight = primals
-    rows = cotangent.reshape(-1, cotangent.shape[-1])
-    return cotangent @ weight, rows.T @ x.reshape(-1, x.shape[-1])
 
 
 @mx.custom_function

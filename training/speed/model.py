@@ -7,7 +7,6 @@ to float rounding):
   of ``attn_norm(embedding.weight) @ W.T``, one per vocabulary entry rather than one per position;
 - the dropout masks are drawn before the forward pass (``dropout_masks``), so that a batch can be split
   and still use the whole batch's masks;
-- attention and linear layers use the kernels' written-out backward passes (``attend``, ``linear``);
 - evaluation rows share few distinct prefixes (``a op`` of ``a op b =``): their keys and values are
   computed once per prefix (``prefix_keys_values``, ``logits_after``).
 """
@@ -17,12 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import models
-from training.speed.kernels import attend, fast_sigmoid, gather_rows, linear, silu_gate
-
-
-def dense(layer: nn.Linear, x: mx.array) -> mx.array:
-    """``layer(x)`` with its weight gradient in the weight's layout (``kernels.linear``)."""
-    return linear(x, layer.weight)
+from training.speed.kernels import fast_sigmoid, gather_rows, silu_gate
 
 
 def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = False,
@@ -32,7 +26,7 @@ def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = F
     ``return_kv``: also this call's keys and values; ``qkv``: ``(wq(x), wk(x), wv(x))`` already computed
     (then ``x`` is not used)."""
     B, L, D = (x if qkv is None else qkv[0]).shape
-    project = (lambda i, w: dense(w, x)) if qkv is None else (lambda i, w: qkv[i])
+    project = (lambda i, w: w(x)) if qkv is None else (lambda i, w: qkv[i])
     offset = 0 if past is None else past[0].shape[2]
     heads = lambda t: t.reshape(B, t.shape[1], attn.heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D/H)
     new_keys = attn.rope(heads(project(1, attn.wk)), offset=offset)
@@ -42,14 +36,13 @@ def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = F
         keys, values = mx.concatenate([past[0], keys], axis=2), mx.concatenate([past[1], values], axis=2)
     if last_only:
         # The last query attends to every key, so it needs no mask.
-        queries = attn.rope(heads(dense(attn.wq, x[:, -1:]) if qkv is None else qkv[0][:, -1:]), offset=offset + L - 1)
-        bias = mx.zeros((1, offset + L))
+        queries = attn.rope(heads(attn.wq(x[:, -1:]) if qkv is None else qkv[0][:, -1:]), offset=offset + L - 1)
+        mask = None
     else:
         queries = attn.rope(heads(project(0, attn.wq)), offset=offset)
-        visible = mx.arange(offset + L)[None] <= mx.arange(offset, offset + L)[:, None]  # causal
-        bias = mx.where(visible, 0.0, -mx.inf)
-    out = attend(queries, keys, values, bias, mx.array((D // attn.heads) ** -0.5))[0]
-    out = dense(attn.wo, out.transpose(0, 2, 1, 3).reshape(B, queries.shape[2], D))
+        mask = "causal" if past is None else mx.arange(offset + L)[None] <= mx.arange(offset, offset + L)[:, None]
+    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=(D // attn.heads) ** -0.5, mask=mask)
+    out = attn.wo(out.transpose(0, 2, 1, 3).reshape(B, queries.shape[2], D))
     return (out, (new_keys, new_values)) if return_kv else out
 
 
@@ -65,13 +58,13 @@ class FastModel:
 
     def feed_forward(self, ff: models.FeedForward, x: mx.array, keep: Optional[mx.array]) -> mx.array:
         """``ff(x)`` with the dropout mask ``keep`` (None: no dropout)."""
-        a, b = dense(ff.w1, x), dense(ff.w3, x)  # (..., mlp_dim)
+        a, b = ff.w1(x), ff.w3(x)  # (..., mlp_dim)
         if not self.fused:
             h = nn.silu(a) if keep is None else (keep * nn.silu(a)) * (1 / self.keep_prob)  # as nn.Dropout
-            return dense(ff.w2, h * b)
+            return ff.w2(h * b)
         if keep is None:
-            return dense(ff.w2, a * fast_sigmoid(a) * b)
-        return dense(ff.w2, silu_gate(a, b, keep, mx.array(1 / self.keep_prob))[0])
+            return ff.w2(a * fast_sigmoid(a) * b)
+        return ff.w2(silu_gate(a, b, keep, mx.array(1 / self.keep_prob))[0])
 
     def block(self, block: models.Block, x: mx.array, last_only: bool = False, keep: Optional[mx.array] = None,
               past: Optional[tuple] = None, qkv: Optional[tuple] = None) -> mx.array:
@@ -90,14 +83,14 @@ class FastModel:
         for block, keep in zip(blocks[:-1], masks):
             x, qkv = self.block(block, x, keep=keep, qkv=qkv), None
         x = self.block(blocks[-1], x, last_only=True, keep=masks[-1])[:, 0]  # (B, D)
-        return dense(self.model.out, self.model.norm(x))
+        return self.model.out(self.model.norm(x))
 
     def first_qkv(self, tokens: mx.array) -> tuple:
         """The first block's ``wq, wk, wv`` of ``attn_norm(embedding(tokens))``, each ``(B, L, D)``, looked
         up per token; their gradient reaches the tables through ``gather_rows``."""
         block = self.model.blocks[0]
         attn, table = block.attn, block.attn_norm(self.model.embedding.weight)  # (V, D)
-        table = mx.concatenate([dense(w, table) for w in (attn.wq, attn.wk, attn.wv)], axis=-1)  # (V, 3D)
+        table = mx.concatenate([attn.wq(table), attn.wk(table), attn.wv(table)], axis=-1)  # (V, 3D)
         return tuple(mx.split(gather_rows(table, tokens), 3, axis=-1))
 
     def dropout_masks(self, batch_size: int, length: int) -> Optional[list]:
@@ -132,4 +125,4 @@ class FastModel:
         for block, kv in zip(blocks[:-1], past):
             x, qkv = self.block(block, x, past=kv, qkv=qkv), None
         x = self.block(blocks[-1], x, last_only=True, past=past[-1])[:, 0]
-        return dense(self.model.out, self.model.norm(x))
+        return self.model.out(self.model.norm(x))
