@@ -8,21 +8,48 @@ macOS is never touched: MLX uses Accelerate there.
 """
 import ctypes
 import os
+import site
 import sys
+import sysconfig
+from pathlib import Path
 
 # Debian's libopenblas0-pthread installs the first; the others cover common distributions.
 CANDIDATES = ("libopenblas.so.0", "libopenblasp-r0.3.so", "libopenblas.so", "libmkl_rt.so.2", "libblis.so.4")
 INSTALL_HINT = "apt-get install libopenblas0-pthread"
+MKL_WHEEL_LIBRARY = "libmkl_rt.so.3"  # where pip puts the `mkl` wheel's libraries: <install prefix>/lib
+
+
+def pip_mkl() -> list:
+    """Paths of MKL as installed by ``pip install -r requirements-mkl.txt``, if any: the optional MKL is taken
+    before any system BLAS (it was asked for, and measured ~10 % faster here, see README)."""
+    prefixes = [sysconfig.get_paths()["data"], sys.prefix, site.getuserbase()]
+    found = [Path(prefix) / "lib" / MKL_WHEEL_LIBRARY for prefix in prefixes]
+    return list(dict.fromkeys(str(path) for path in found if path.exists()))
 
 
 def load_fast_blas() -> str | None:
     """Load the first optimized BLAS found into the global scope; return its name or None."""
-    for name in CANDIDATES:
+    mkl = pip_mkl()
+    if mkl:
+        # One BLAS thread per CPU stream is how the trainer calls it; MKL's sequential layer is the fastest
+        # way to run that (README), and it needs no OpenMP runtime. Set MKL_THREADING_LAYER to choose another.
+        os.environ.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
+    for name in (*mkl, *CANDIDATES):
         try:
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
         return name
+    return None
+
+
+def threads() -> tuple:
+    """``(get, set)``: the loaded BLAS's functions for its number of threads, or None where it has none."""
+    lib = ctypes.CDLL(LOADED) if LOADED else None
+    for get, put in (("openblas_get_num_threads", "openblas_set_num_threads"),
+                     ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads")):
+        if lib is not None and hasattr(lib, get) and hasattr(lib, put):
+            return getattr(lib, get), getattr(lib, put)
     return None
 
 

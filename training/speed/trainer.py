@@ -33,17 +33,18 @@ from training.trainer import EVAL_CHUNK, Trainer, loss_and_correct
 
 @contextlib.contextmanager
 def blas_threads(n: int):
-    """Run the block with the optimized BLAS that ``fastblas`` loaded set to ``n`` threads (OpenBLAS)."""
-    lib = ctypes.CDLL(fastblas.LOADED) if fastblas.LOADED else None
-    if lib is None or not hasattr(lib, "openblas_set_num_threads"):
+    """Run the block with the optimized BLAS that ``fastblas`` loaded set to ``n`` threads (OpenBLAS, MKL)."""
+    control = fastblas.threads()
+    if control is None:
         yield
         return
-    before = lib.openblas_get_num_threads()
-    lib.openblas_set_num_threads(n)
+    get, put = control
+    before = get()
+    put(n)
     try:
         yield
     finally:
-        lib.openblas_set_num_threads(before)
+        put(before)
 
 
 def keep_freed_memory() -> None:
