@@ -27,14 +27,17 @@ def pip_mkl() -> list:
     return list(dict.fromkeys(str(path) for path in found if path.exists()))
 
 
-def load_fast_blas() -> str | None:
-    """Load the first optimized BLAS found into the global scope; return its name or None."""
+def load_fast_blas(choice: str | None = None) -> str | None:
+    """Load the first optimized BLAS found into the global scope; return its name or None. ``choice``
+    (``GROKKING_BLAS``): ``openblas`` or ``mkl`` for the first of that kind, else a library's name or path."""
     mkl = pip_mkl()
-    if mkl:
-        # One BLAS thread per CPU stream is how the trainer calls it; MKL's sequential layer is the fastest
-        # way to run that (README), and it needs no OpenMP runtime. Set MKL_THREADING_LAYER to choose another.
-        os.environ.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
-    for name in (*mkl, *CANDIDATES):
+    kinds = {"openblas": CANDIDATES[:3], "mkl": (*mkl, "libmkl_rt.so.2")}
+    names = (*mkl, *CANDIDATES) if choice is None else kinds.get(choice, (choice,))
+    for name in names:
+        if "mkl_rt" in name:
+            # One BLAS thread per CPU stream is how the trainer calls it; MKL's sequential layer runs that
+            # fastest (README) and needs no OpenMP runtime. Set MKL_THREADING_LAYER to choose another.
+            os.environ.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
         try:
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
@@ -58,7 +61,11 @@ if sys.platform.startswith("linux") and os.environ.get("GROKKING_NO_FAST_BLAS") 
     if "mlx.core" in sys.modules:
         print("warning: mlx.core was imported before fastblas; the optimized BLAS may not be used. "
               "Import main/models/data before mlx.", file=sys.stderr)
-    LOADED = load_fast_blas()
+    CHOICE = os.environ.get("GROKKING_BLAS") or None
+    LOADED = load_fast_blas(CHOICE)
+    if LOADED is None and CHOICE is not None:
+        raise SystemExit(f"error: GROKKING_BLAS={CHOICE!r} could not be loaded; give openblas, mkl (installed by "
+                         "requirements-mkl.txt) or a BLAS library's name or path")
     if LOADED is None:
         print(f"warning: no optimized BLAS found; MLX matmuls will run ~40x slower. Fast path: {INSTALL_HINT}",
               file=sys.stderr)

@@ -1,6 +1,9 @@
 """Which BLAS ``fastblas`` loads, and the trainer's control of its threads."""
+import os
+import subprocess
 import sys
 import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +36,32 @@ def test_blas_threads_sets_the_loaded_blas_and_restores_it():
         assert get() == 1
     assert get() == outside
     put(before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fastblas loads a BLAS on Linux only")
+def test_an_unloadable_blas_choice_is_a_one_line_error():
+    done = subprocess.run([sys.executable, "-c", "import fastblas"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent,
+                          env={**os.environ, "GROKKING_BLAS": "libnothing.so.9"})
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "error: GROKKING_BLAS='libnothing.so.9' could not be loaded; give openblas, mkl (installed by "
+        "requirements-mkl.txt) or a BLAS library's name or path"]
+
+
+def test_a_blas_choice_by_kind_tries_only_that_kind(monkeypatch):
+    tried = []
+
+    def cdll(name, mode=0):
+        tried.append(name)
+        raise OSError(name)
+    monkeypatch.setattr(fastblas.ctypes, "CDLL", cdll)
+    monkeypatch.setattr(fastblas, "pip_mkl", lambda: ["/prefix/lib/libmkl_rt.so.3"])
+    monkeypatch.delenv("MKL_THREADING_LAYER", raising=False)
+    assert fastblas.load_fast_blas("openblas") is None and tried == list(fastblas.CANDIDATES[:3])
+    assert "MKL_THREADING_LAYER" not in os.environ
+    tried.clear()
+    assert fastblas.load_fast_blas("mkl") is None and tried == ["/prefix/lib/libmkl_rt.so.3", "libmkl_rt.so.2"]
+    assert os.environ["MKL_THREADING_LAYER"] == "SEQUENTIAL"
+    tried.clear()
+    assert fastblas.load_fast_blas() is None and tried == ["/prefix/lib/libmkl_rt.so.3", *fastblas.CANDIDATES]
