@@ -312,3 +312,15 @@ def test_a_child_process_reuses_the_kernel_build_it_inherits(tmp_path, monkeypat
     assert Path(inherited["TMPDIR"]).parent == tmp_path and (Path(inherited["TMPDIR"]) / "bin" / "g++").exists()
     monkeypatch.setattr(tempfile, "tempdir", None)  # a sweep worker started from here: same wrapper and cache
     assert compiler.build_kernels_for_this_cpu() and dict(os.environ) == inherited
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64")
+                    or shutil.which("g++") is None, reason="kernels are built for the CPU on x86-64 Linux with g++")
+def test_flags_the_compiler_refuses_leave_mlxs_own_build(tmp_path, monkeypatch):
+    from training.speed import compiler
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    before = dict(os.environ)
+    assert not compiler.build_kernels_for_this_cpu(flags=("--no-such-flag",))
+    assert dict(os.environ) == before and not list(tmp_path.glob("mlx-kernels-*/bin/g++*"))

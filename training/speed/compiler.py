@@ -13,6 +13,7 @@ import hashlib
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def cpu_signature() -> str:
 
 def build_kernels_for_this_cpu(flags: tuple = FLAGS) -> bool:
     """Have MLX build the fused CPU kernels this process compiles from now on with ``flags`` added (Linux on
-    x86-64 with ``g++`` on ``PATH``); returns whether it did. Kernels already loaded stay as they were."""
+    x86-64 with a ``g++`` on ``PATH`` that accepts them); returns whether it did. Kernels already loaded stay as
+    they were."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
     # The real compiler: a process started from one that called this has the wrapper first on its PATH.
@@ -52,6 +54,15 @@ def build_kernels_for_this_cpu(flags: tuple = FLAGS) -> bool:
         staged = wrapper.with_name(f"g++.{os.getpid()}")
         staged.write_text(f'#!/bin/sh\nexec \'{compiler}\' "$@" {quoted}\n')
         staged.chmod(0o755)
+        # A compiler that refuses the flags, or a temporary directory mounted noexec: keep MLX's own build.
+        probe = [str(staged), "-std=c++17", "-O3", "-fPIC", "-shared", "-x", "c++", "-", "-o", os.devnull]
+        try:
+            works = subprocess.run(probe, input="", capture_output=True, timeout=60).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            works = False
+        if not works:
+            staged.unlink()
+            return False
         os.replace(staged, wrapper)  # whole or absent, also with several processes starting at once
     os.environ["PATH"] = os.pathsep.join([str(wrapper.parent), os.environ["PATH"]])
     os.environ["TMPDIR"] = str(root)  # MLX's kernel cache: $TMPDIR/mlx/<version>/cpu, read at each build
