@@ -14,7 +14,8 @@ import sysconfig
 from pathlib import Path
 
 # Debian's libopenblas0-pthread installs the first; the others cover common distributions.
-CANDIDATES = ("libopenblas.so.0", "libopenblasp-r0.3.so", "libopenblas.so", "libmkl_rt.so.2", "libblis.so.4")
+OPENBLAS = ("libopenblas.so.0", "libopenblasp-r0.3.so", "libopenblas.so")
+CANDIDATES = (*OPENBLAS, "libmkl_rt.so.2", "libblis.so.4")
 INSTALL_HINT = "apt-get install libopenblas0-pthread"
 MKL_WHEEL_LIBRARY = "libmkl_rt.so.3"  # where pip puts the `mkl` wheel's libraries: <install prefix>/lib
 
@@ -31,7 +32,7 @@ def load_fast_blas(choice: str | None = None) -> str | None:
     """Load the first optimized BLAS found into the global scope; return its name or None. ``choice``
     (``GROKKING_BLAS``): ``openblas`` or ``mkl`` for the first of that kind, else a library's name or path."""
     mkl = pip_mkl()
-    kinds = {"openblas": CANDIDATES[:3], "mkl": (*mkl, "libmkl_rt.so.2")}
+    kinds = {"openblas": OPENBLAS, "mkl": (*mkl, "libmkl_rt.so.2")}
     names = (*mkl, *CANDIDATES) if choice is None else kinds.get(choice, (choice,))
     for name in names:
         if "mkl_rt" in name:
@@ -39,10 +40,11 @@ def load_fast_blas(choice: str | None = None) -> str | None:
             # fast as its OpenMP layers (README) and needs no OpenMP runtime. MKL_THREADING_LAYER picks another.
             os.environ.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
         try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        return name
+        if hasattr(lib, "cblas_sgemm"):  # a library that is no BLAS (a foreign GROKKING_BLAS) is passed over
+            return name
     return None
 
 

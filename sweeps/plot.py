@@ -79,7 +79,9 @@ def plot_sweep(ax, rows: list[dict], x: str, y: str = "epochs_to_target", hue: s
             unit = y.split("_")[0]
             km = censored_statistics(here)
             if km[f"{unit}_km_median"] is not None:
-                budget_key = BUDGET_AT.get(y) if all(BUDGET_AT.get(y) in r for r in here) else censor_key
+                budget_key = BUDGET_AT.get(y, censor_key)
+                if not all(budget_key in r for r in here):  # rows of tables written before the budget columns
+                    budget_key = censor_key
                 budget = max(r.get(budget_key) or 0 for r in here) if budget_key else math.nan
                 xs.append(xv)
                 med.append(km[f"{unit}_km_median"])

@@ -58,10 +58,19 @@ def test_a_blas_choice_by_kind_tries_only_that_kind(monkeypatch):
     monkeypatch.setattr(fastblas.ctypes, "CDLL", cdll)
     monkeypatch.setattr(fastblas, "pip_mkl", lambda: ["/prefix/lib/libmkl_rt.so.3"])
     monkeypatch.delenv("MKL_THREADING_LAYER", raising=False)
-    assert fastblas.load_fast_blas("openblas") is None and tried == list(fastblas.CANDIDATES[:3])
+    assert fastblas.load_fast_blas("openblas") is None and tried == list(fastblas.OPENBLAS)
     assert "MKL_THREADING_LAYER" not in os.environ
     tried.clear()
     assert fastblas.load_fast_blas("mkl") is None and tried == ["/prefix/lib/libmkl_rt.so.3", "libmkl_rt.so.2"]
     assert os.environ["MKL_THREADING_LAYER"] == "SEQUENTIAL"
     tried.clear()
     assert fastblas.load_fast_blas() is None and tried == ["/prefix/lib/libmkl_rt.so.3", *fastblas.CANDIDATES]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fastblas loads a BLAS on Linux only")
+def test_a_library_that_is_no_blas_is_not_taken_for_one():
+    done = subprocess.run([sys.executable, "-c", "import fastblas"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "GROKKING_BLAS": "libc.so.6"})
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        "error: GROKKING_BLAS='libc.so.6' could not be loaded; give openblas, mkl (installed by "
+        "requirements-mkl.txt) or a BLAS library's name or path"]
