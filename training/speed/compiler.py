@@ -7,7 +7,8 @@ first on this process's ``PATH`` that adds flags for this CPU, and points MLX's 
 shared library per kernel under ``$TMPDIR/mlx/<version>/cpu`` and reuses any it finds) at a directory of
 its own, named after the compiler, the flags and the CPU, so kernels built one way are never loaded for
 the other. ``-ffp-contract=off`` keeps ``a * b + c`` two roundings, as in the baseline build, so the
-kernels compute the same floats, only faster.
+kernels compute the same floats, only faster. ``build_library`` builds the layer's own C++ (``masks.cpp``)
+with the same compiler and flags.
 """
 import hashlib
 import os
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 FLAGS = ("-march=native", "-ffp-contract=off")
 
@@ -30,16 +32,21 @@ def cpu_signature() -> str:
     return "\n".join(sorted(set(keep)))
 
 
+def real_compiler() -> Optional[str]:
+    """The ``g++`` on ``PATH`` other than the wrapper (a process started from one that called
+    ``build_kernels_for_this_cpu`` has the wrapper first on its PATH), or None."""
+    search = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+              if not Path(d).parent.name.startswith("mlx-kernels-")]
+    return shutil.which("g++", path=os.pathsep.join(search))
+
+
 def build_kernels_for_this_cpu(flags: tuple = FLAGS) -> bool:
     """Have MLX build the fused CPU kernels this process compiles from now on with ``flags`` added (Linux on
     x86-64 with a ``g++`` on ``PATH`` that accepts them); returns whether it did. Kernels already loaded stay as
     they were."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
-    # The real compiler: a process started from one that called this has the wrapper first on its PATH.
-    search = [d for d in os.environ.get("PATH", "").split(os.pathsep)
-              if not Path(d).parent.name.startswith("mlx-kernels-")]
-    compiler = shutil.which("g++", path=os.pathsep.join(search))
+    compiler = real_compiler()
     if compiler is None:
         return False
     key = hashlib.sha256("\n".join([os.path.realpath(compiler), *flags, cpu_signature()]).encode()).hexdigest()
@@ -67,3 +74,28 @@ def build_kernels_for_this_cpu(flags: tuple = FLAGS) -> bool:
     os.environ["PATH"] = os.pathsep.join([str(wrapper.parent), os.environ["PATH"]])
     os.environ["TMPDIR"] = str(root)  # MLX's kernel cache: $TMPDIR/mlx/<version>/cpu, read at each build
     return True
+
+
+def build_library(source: Path, flags: tuple = FLAGS) -> Optional[Path]:
+    """The C++ file ``source`` built with ``flags`` into a shared library in the temporary directory, named after
+    the compiler, the flags, this CPU and the source, so that it is built once and rebuilt only when one of them
+    changes; None on Linux without a ``g++`` that builds it, and elsewhere."""
+    compiler = real_compiler()
+    if platform.system() != "Linux" or compiler is None:
+        return None
+    key = hashlib.sha256("\n".join([os.path.realpath(compiler), *flags, cpu_signature(), source.read_text()])
+                         .encode()).hexdigest()
+    library = Path(tempfile.gettempdir()) / f"{source.stem}-{key[:16]}.so"
+    if library.exists():
+        return library
+    staged = library.with_name(f"{library.name}.{os.getpid()}")
+    command = [compiler, "-std=c++17", "-O3", "-fPIC", "-shared", *flags, str(source), "-o", str(staged)]
+    try:
+        built = subprocess.run(command, capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        built = False
+    if not built:
+        staged.unlink(missing_ok=True)
+        return None
+    os.replace(staged, library)  # whole or absent, also with several processes building at once
+    return library

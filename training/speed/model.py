@@ -93,14 +93,19 @@ class FastModel:
         table = mx.concatenate([attn.wq(table), attn.wk(table), attn.wv(table)], axis=-1)  # (V, 3D)
         return tuple(mx.split(gather_rows(table, tokens), 3, axis=-1))
 
-    def dropout_masks(self, batch_size: int, length: int) -> Optional[list]:
-        """The dropout masks of a training pass over ``(batch_size, length)`` tokens, one per block (the last
-        block's for the last position only); None in eval mode or without dropout."""
+    def dropout_shapes(self, batch_size: int, length: int) -> Optional[list]:
+        """The shapes of :meth:`dropout_masks`; None in eval mode or without dropout."""
         if not self.model.training or self.keep_prob == 1:
             return None
         shapes = [(batch_size, length, ff.w1.weight.shape[0]) for ff in (b.ff for b in self.model.blocks)]
         shapes[-1] = (batch_size, 1, shapes[-1][2])
-        return [mx.random.bernoulli(self.keep_prob, shape) for shape in shapes]
+        return shapes
+
+    def dropout_masks(self, batch_size: int, length: int) -> Optional[list]:
+        """The dropout masks (keep where True) of a training pass over ``(batch_size, length)`` tokens, one
+        per block (the last block's for the last position only); None in eval mode or without dropout."""
+        shapes = self.dropout_shapes(batch_size, length)
+        return shapes and [mx.random.bernoulli(self.keep_prob, shape) for shape in shapes]
 
     def prefix_keys_values(self, prefixes: mx.array) -> list:
         """Each block's attention ``(keys, values)`` ``(U, H, P, D/H)`` for the ``U`` sequences ``prefixes``

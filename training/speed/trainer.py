@@ -5,7 +5,8 @@ There MLX runs each stream's elementwise work on one thread, so:
 - every batch is split in two halves whose summed-loss gradients are computed concurrently on two CPU
   streams (one BLAS thread each, ``blas_threads``) and added: the whole batch's mean-loss gradient up to
   float rounding, with the whole batch's dropout masks;
-- those masks are drawn a step ahead on a third stream (the same random numbers, in the same order);
+- those masks are drawn a step ahead, by native code on a thread of its own where a compiler builds it
+  (``masks.NativeMasks``), else on a third stream (the same random numbers, in the same order, either way);
 - evaluation splits its rows over the two streams and computes prefixes shared by many rows once;
 - glibc keeps freed memory for reuse (``keep_freed_memory``);
 - subnormal floats are flushed to zero on x86-64 (``flush_subnormals``), which only changes values below
@@ -27,6 +28,7 @@ from mlx.utils import tree_map
 import fastblas
 from config import Config
 from training.speed.compiler import build_kernels_for_this_cpu
+from training.speed.masks import NativeMasks
 from training.speed.model import FastModel
 from training.trainer import EVAL_CHUNK, Trainer, loss_and_correct
 
@@ -102,14 +104,17 @@ def shared_prefixes(tokens: np.ndarray):
 class FastTrainer(Trainer):
     """The Trainer's interface; the model's parameters run through ``FastModel``."""
 
-    def __init__(self, cfg: Config, optimizer: Optional[optim.Optimizer] = None, streams: int = 2):
-        """``streams``: how many CPU streams a batch and an evaluation are split over (1: no split)."""
+    def __init__(self, cfg: Config, optimizer: Optional[optim.Optimizer] = None, streams: int = 2,
+                 native_masks: bool = True):
+        """``streams``: how many CPU streams a batch and an evaluation are split over (1: no split);
+        ``native_masks``: draw the dropout masks with ``NativeMasks`` where it builds (else with MLX)."""
         build_kernels_for_this_cpu()  # before the first fused kernel is built
         super().__init__(cfg, optimizer)
         model, optimizer = self.model, self.optimizer
         self.fast = fast = FastModel(model, cfg.model)
         flush_subnormals()  # before the streams start their threads, which inherit it
         self.streams = [mx.new_stream(mx.cpu) for _ in range(streams)]
+        self.native_masks = NativeMasks.build() if native_masks and cfg.model.dropout > 0 else None
         self.mask_stream = mx.new_stream(mx.cpu)
         keep_freed_memory()
         if hasattr(optimizer, "streams"):  # QUAD: spread its parameter groups over the same streams
@@ -171,28 +176,33 @@ class FastTrainer(Trainer):
 
     def step(self, x, y):
         # The masks are drawn outside the compiled step, so that both halves share the whole batch's masks.
-        return self._fast_step(x, y, self.fast.dropout_masks(*x.shape))
+        return self._fast_step(x, y, self._draw_masks(*x.shape)())
 
     def steps(self, x, y, order: mx.array, batch_size: int, totals=None):
         loss_sum, correct_sum = totals or (mx.array(0.0), mx.array(0))
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         masks = self._draw_masks(len(batches[0]), x.shape[1])
         for i, idx in enumerate(batches):
-            # The next batch's masks (drawn in the order step() draws them) start now on a stream of
-            # their own, to run beside this step rather than between two steps.
+            # The next batch's masks (drawn in the order step() draws them) start now beside this step
+            # rather than between two steps.
             upcoming = self._draw_masks(len(batches[i + 1]), x.shape[1]) if i + 1 < len(batches) else None
-            loss, correct = self._fast_step(x[idx], y[idx], masks)
+            loss, correct = self._fast_step(x[idx], y[idx], masks())
             loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
             mx.async_eval(self.state, loss_sum, correct_sum)
             masks = upcoming
         return loss_sum, correct_sum
 
     def _draw_masks(self, rows: int, length: int):
+        """Start drawing the dropout masks of a batch of ``rows`` (by ``native_masks``, else on the mask
+        stream); the returned call gives them (None without dropout)."""
+        shapes = self.fast.dropout_shapes(rows, length)
+        if shapes and self.native_masks is not None:
+            return self.native_masks.draw(self.fast.keep_prob, shapes)
         with mx.stream(self.mask_stream):
             masks = self.fast.dropout_masks(rows, length)
         if masks:
             mx.async_eval(masks)
-        return masks
+        return lambda: masks
 
     def evaluation_plan(self, x: np.ndarray):
         """``(P, prefixes, inverse)`` of ``shared_prefixes`` as arrays, or None."""
