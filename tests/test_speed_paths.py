@@ -77,6 +77,49 @@ def test_silu_gate_matches_nn_silu_with_dropout_forward_and_backward():
         assert rel_err(g_fast, g_exact) <= 1e-6
 
 
+@pytest.mark.parametrize("heads, length, offset", [(1, 4, 0), (4, 4, 0), (2, 2, 2), (4, 1, 3)])
+def test_rope_on_reordered_features_is_nn_ropes_rotation_to_the_bit_forward_and_backward(heads, length, offset):
+    """``kernels.rope`` of the features in ``rope_order``, put back in their order, equals ``nn.RoPE``
+    (interleaved, base 1e6: the model's), its vjp too; eager and compiled."""
+    mx.random.seed(3)
+    dims, rows = 16, 5
+    rope = nn.RoPE(dims, traditional=True, base=1e6)
+    order = kernels.rope_order(dims, heads)
+    inverse = mx.argsort(order)
+    x = mx.random.normal((rows, length, heads * dims))
+    g = mx.random.normal((rows, heads, length, dims))
+
+    def by_mlx(x):
+        return rope(x.reshape(rows, length, heads, dims).transpose(0, 2, 1, 3), offset=offset)
+
+    def by_kernel(x):
+        C, S = kernels.rope_tables(rope, length, offset)
+        rotated = kernels.rope(x[..., order].reshape(rows, length, heads, dims), C, S)
+        return rotated.reshape(rows, length, -1)[..., inverse].reshape(rows, length, heads, dims).transpose(0, 2, 1, 3)
+    for transform in (lambda f: f, mx.compile):
+        assert mx.array_equal(transform(by_kernel)(x), transform(by_mlx)(x)).item()
+        vjp = [transform(lambda x, g, f=f: mx.vjp(f, [x], [g])[1][0])(x, g) for f in (by_kernel, by_mlx)]
+        assert mx.array_equal(*vjp).item()
+
+
+def test_fast_model_rotates_positions_past_its_precomputed_tables_as_the_plain_model():
+    from training.speed.model import ROPE_POSITIONS
+    mx.random.seed(4)
+    cfg = ModelConfig(dim=32, depth=2, heads=2)
+    model = Transformer(cfg, 13)
+    model.eval()
+    tokens = mx.random.randint(0, 13, (3, ROPE_POSITIONS + 3))
+    assert rel_err(FastModel(model, cfg)(tokens), model(tokens)) <= 1e-5
+
+
+def test_permute_rows_and_its_gradient_are_the_gathers():
+    w, order = mx.random.normal((6, 3)), mx.array([2, 0, 5, 1, 4, 3])
+    g = mx.random.normal((6, 3))
+    assert mx.array_equal(kernels.permute_rows(w, order, mx.argsort(order)), w[order]).item()
+    by_kernel = mx.vjp(lambda w: kernels.permute_rows(w, order, mx.argsort(order)), [w], [g])[1][0]
+    assert mx.array_equal(by_kernel, mx.vjp(lambda w: w[order], [w], [g])[1][0]).item()
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_fast_model_gives_the_plain_models_logits_and_gradients(depth):
     """Pruned last block, per-token q/k/v (depth > 1) and fused kernels, in eval mode (no dropout)."""
@@ -101,7 +144,7 @@ def test_fused_and_reference_kernels_agree_with_dropout_masks():
     cfg = ModelConfig(dim=32, depth=2, heads=2)
     model = Transformer(cfg, 13)
     tokens = mx.random.randint(0, 13, (40, 4))
-    fused, reference = FastModel(model, cfg), FastModel(model, cfg, fused=False)
+    fused, reference = FastModel(model, cfg), FastModel(model, cfg, fused=False, fused_rope=False)
     masks = fused.dropout_masks(40, 4)
     assert rel_err(fused(tokens, masks), reference(tokens, masks)) <= 1e-5
 

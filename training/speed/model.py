@@ -7,6 +7,9 @@ to float rounding):
   of ``attn_norm(embedding.weight) @ W.T``, one per vocabulary entry rather than one per position;
 - the dropout masks are drawn before the forward pass (``dropout_masks``), so that a batch can be split
   and still use the whole batch's masks;
+- queries and keys are rotated by one fused kernel (``kernels.rope``), their features reordered so that the
+  rotated pairs are read with unit strides (the same dot products, up to the order of the sum), with the
+  rotation's tables computed once;
 - evaluation rows share few distinct prefixes (``a op`` of ``a op b =``): their keys and values are
   computed once per prefix (``prefix_keys_values``, ``logits_after``).
 """
@@ -16,30 +19,57 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import models
-from training.speed.kernels import fast_sigmoid, gather_rows, silu_gate
+from training.speed.kernels import fast_sigmoid, gather_rows, permute_rows, rope, rope_order, rope_tables, silu_gate
+
+
+ROPE_POSITIONS = 64  # positions whose rotary tables are computed ahead (longer sequences compute theirs)
+
+
+def query_key_projections(attn: models.Attention, fused_rope: bool) -> tuple:
+    """``(wq, wk)`` of ``attn`` as functions of ``x``; with ``fused_rope``, their output features in
+    ``kernels.rope_order`` (the weights' rows reordered), which :func:`rotate` with tables expects."""
+    if not fused_rope:
+        return attn.wq, attn.wk
+    order = rope_order(attn.rope.dims, attn.heads)
+    inverse = mx.argsort(order)
+    return tuple((lambda x, w=w: x @ permute_rows(w.weight, order, inverse).T) for w in (attn.wq, attn.wk))
+
+
+def rotate(attn: models.Attention, t: mx.array, start: int, tables: Optional[tuple]) -> mx.array:
+    """Queries or keys ``t`` ``(B, L, D)`` of positions ``start ..`` as heads ``(B, H, L, D/H)``, rotated by
+    ``kernels.rope`` with ``tables`` (``kernels.rope_tables`` of positions ``0 ..``; ``t`` from
+    :func:`query_key_projections`), or by ``attn.rope`` if None."""
+    B, L, _ = t.shape
+    t = t.reshape(B, L, attn.heads, -1)
+    if tables is None:
+        return attn.rope(t.transpose(0, 2, 1, 3), offset=start)
+    C, S = tables if start + L <= len(tables[0]) else rope_tables(attn.rope, start + L)
+    return rope(t, C[start:start + L], S[start:start + L]).transpose(0, 2, 1, 3)
 
 
 def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = False,
-              past: Optional[tuple] = None, return_kv: bool = False, qkv: Optional[tuple] = None):
+              past: Optional[tuple] = None, return_kv: bool = False, qkv: Optional[tuple] = None,
+              tables: Optional[tuple] = None):
     """``attn`` over ``x`` ``(B, L, D)``, after ``past`` = ``(keys, values)`` ``(B, H, P, D/H)`` of the ``P``
     positions before it when given; ``last_only``: queries and output for the last position only;
-    ``return_kv``: also this call's keys and values; ``qkv``: ``(wq(x), wk(x), wv(x))`` already computed
-    (then ``x`` is not used)."""
+    ``return_kv``: also this call's keys and values; ``qkv``: the projections of ``x`` already computed
+    (queries and keys as :func:`query_key_projections` makes them; then ``x`` is not used); ``tables``: the
+    rotary embedding's for ``kernels.rope`` (None: ``attn.rope``), see :func:`rotate`."""
     B, L, D = (x if qkv is None else qkv[0]).shape
+    wq, wk = query_key_projections(attn, tables is not None)
     project = (lambda i, w: w(x)) if qkv is None else (lambda i, w: qkv[i])
     offset = 0 if past is None else past[0].shape[2]
-    heads = lambda t: t.reshape(B, t.shape[1], attn.heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D/H)
-    new_keys = attn.rope(heads(project(1, attn.wk)), offset=offset)
-    new_values = heads(project(2, attn.wv))
+    new_keys = rotate(attn, project(1, wk), offset, tables)
+    new_values = project(2, attn.wv).reshape(B, L, attn.heads, -1).transpose(0, 2, 1, 3)
     keys, values = new_keys, new_values
     if past is not None:
         keys, values = mx.concatenate([past[0], keys], axis=2), mx.concatenate([past[1], values], axis=2)
     if last_only:
         # The last query attends to every key, so it needs no mask.
-        queries = attn.rope(heads(attn.wq(x[:, -1:]) if qkv is None else qkv[0][:, -1:]), offset=offset + L - 1)
+        queries = rotate(attn, wq(x[:, -1:]) if qkv is None else qkv[0][:, -1:], offset + L - 1, tables)
         mask = None
     else:
-        queries = attn.rope(heads(project(0, attn.wq)), offset=offset)
+        queries = rotate(attn, project(0, wq), offset, tables)
         mask = "causal" if past is None else mx.arange(offset + L)[None] <= mx.arange(offset, offset + L)[:, None]
     out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=(D // attn.heads) ** -0.5, mask=mask)
     out = attn.wo(out.transpose(0, 2, 1, 3).reshape(B, queries.shape[2], D))
@@ -47,14 +77,24 @@ def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = F
 
 
 class FastModel:
-    """The forward pass of ``model`` with the tricks above; ``fused``: the fused SiLU-gate kernels."""
+    """The forward pass of ``model`` with the tricks above; ``fused``: the fused SiLU-gate kernels;
+    ``fused_rope``: the fused rotary embedding (both rather than MLX's)."""
 
     def __init__(self, model: models.Transformer, cfg: models.ModelConfig, fused: bool = True,
-                 lookup_first_qkv: bool = True):
+                 lookup_first_qkv: bool = True, fused_rope: bool = True):
         self.model = model
         self.keep_prob = 1 - cfg.dropout  # dropout on the SiLU branch, as nn.Dropout(cfg.dropout)
         self.fused = fused
+        self.fused_rope = fused_rope
         self.lookup_first_qkv = lookup_first_qkv and cfg.depth > 1
+        # Computed once, outside any compiled graph (in it, their dozen small ops would run every step).
+        self.rope_tables = {id(block): rope_tables(block.attn.rope, ROPE_POSITIONS) if fused_rope else None
+                            for block in model.blocks}
+        mx.eval(list(self.rope_tables.values()))
+
+    def tables_of(self, block: models.Block) -> Optional[tuple]:
+        """The rotary embedding's tables of ``block`` (None: MLX's RoPE)."""
+        return self.rope_tables[id(block)]
 
     def feed_forward(self, ff: models.FeedForward, x: mx.array, keep: Optional[mx.array]) -> mx.array:
         """``ff(x)`` with the dropout mask ``keep`` (None: no dropout)."""
@@ -69,7 +109,8 @@ class FastModel:
     def block(self, block: models.Block, x: mx.array, last_only: bool = False, keep: Optional[mx.array] = None,
               past: Optional[tuple] = None, qkv: Optional[tuple] = None) -> mx.array:
         """``block(x)``; ``qkv``: the attention's projections of ``attn_norm(x)``, already computed."""
-        h = attention(block.attn, block.attn_norm(x) if qkv is None else None, last_only, past, qkv=qkv)
+        h = attention(block.attn, block.attn_norm(x) if qkv is None else None, last_only, past, qkv=qkv,
+                      tables=self.tables_of(block))
         x = (x[:, -1:] if last_only else x) + h
         return x + self.feed_forward(block.ff, block.ff_norm(x), keep)
 
@@ -86,11 +127,13 @@ class FastModel:
         return self.model.out(self.model.norm(x))
 
     def first_qkv(self, tokens: mx.array) -> tuple:
-        """The first block's ``wq, wk, wv`` of ``attn_norm(embedding(tokens))``, each ``(B, L, D)``, looked
-        up per token; their gradient reaches the tables through ``gather_rows``."""
+        """The first block's ``wq, wk, wv`` of ``attn_norm(embedding(tokens))``, each ``(B, L, D)`` (queries and
+        keys as :func:`query_key_projections` makes them), looked up per token; their gradient reaches the
+        tables through ``gather_rows``."""
         block = self.model.blocks[0]
         attn, table = block.attn, block.attn_norm(self.model.embedding.weight)  # (V, D)
-        table = mx.concatenate([attn.wq(table), attn.wk(table), attn.wv(table)], axis=-1)  # (V, 3D)
+        wq, wk = query_key_projections(attn, self.fused_rope)
+        table = mx.concatenate([wq(table), wk(table), attn.wv(table)], axis=-1)  # (V, 3D)
         return tuple(mx.split(gather_rows(table, tokens), 3, axis=-1))
 
     def dropout_shapes(self, batch_size: int, length: int) -> Optional[list]:
@@ -114,7 +157,7 @@ class FastModel:
         x = self.model.embedding(prefixes)
         cache = []
         for block in blocks:
-            h, kv = attention(block.attn, block.attn_norm(x), return_kv=True)
+            h, kv = attention(block.attn, block.attn_norm(x), return_kv=True, tables=self.tables_of(block))
             cache.append(kv)
             if block is not blocks[-1]:
                 x = x + h
