@@ -1,6 +1,7 @@
 """The dropout masks drawn by native code (``training/speed/masks.py``) are ``mx.random.bernoulli``'s, bit for bit,
 and leave ``mx.random.state`` where MLX's draws leave it; a trainer drawing them follows one drawing MLX's; without
 a compiler the masks come from MLX."""
+import functools
 import shutil
 import sys
 import tempfile
@@ -83,6 +84,7 @@ def test_a_trainer_drawing_native_masks_follows_one_drawing_mlxs():
 
 def test_without_a_compiler_the_trainer_draws_mlxs_masks(monkeypatch):
     monkeypatch.setattr(compiler, "real_compiler", lambda: None)
+    monkeypatch.setattr(masks, "load_library", functools.lru_cache(masks.load_library.__wrapped__))
     assert NativeMasks.build() is None
     trainer = FastTrainer(override(Config(), SMALL).resolved())
     assert trainer.native_masks is None

@@ -10,6 +10,7 @@ state advanced), so the masks, the state after them, and so every result and che
 with MLX's own draws.
 """
 import ctypes
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,18 @@ UPPER = np.nextafter(np.float32(2 ** 32 - 1), np.float32(np.inf), dtype=np.float
 WORD_LIMIT = 2 ** 32  # MLX's counters are 32-bit
 
 
+@functools.lru_cache(maxsize=None)
+def load_library() -> Optional[ctypes.CDLL]:
+    """``masks.cpp`` built (once per machine) and loaded (once per process), or None."""
+    path = build_library(SOURCE)
+    if path is None:
+        return None
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        return None
+
+
 class NativeMasks:
     """``draw(p, shapes)``: the masks ``[mx.random.bernoulli(p, shape) for shape in shapes]`` would give, from
     the library built from ``masks.cpp``."""
@@ -42,15 +55,10 @@ class NativeMasks:
 
     @classmethod
     def build(cls) -> Optional["NativeMasks"]:
-        """The generator, built for this machine if need be; None where no compiler builds it or the library
-        cannot be loaded (a temporary directory mounted noexec)."""
-        path = build_library(SOURCE)
-        if path is None:
-            return None
-        try:
-            return cls(ctypes.CDLL(str(path)))
-        except OSError:
-            return None
+        """A generator, from the library built for this machine if need be; None where no compiler builds it or
+        the library cannot be loaded (a temporary directory mounted noexec)."""
+        library = load_library()
+        return None if library is None else cls(library)
 
     def bits(self, key: np.ndarray, n: int) -> np.ndarray:
         """``mx.random.bits((n,), key=key)`` as a NumPy array."""
