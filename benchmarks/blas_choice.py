@@ -9,15 +9,14 @@ library gave the same metrics in all its runs (the two libraries differ from eac
 """
 import sys
 
-from fresh_runs import alternate, parse_args, report
+from fresh_runs import compare, parse_args
 
 KINDS = {"openblas": ("", {"GROKKING_BLAS": "openblas"}), "mkl": ("", {"GROKKING_BLAS": "mkl"})}
 
 
 def main(argv=None) -> int:
     args, overrides = parse_args(__doc__, argv)
-    report(alternate(KINDS, args, overrides), args)
-    return 0
+    return compare(KINDS, args, overrides)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ drawn by ``mx.random.bernoulli`` on a CPU stream and by ``NativeMasks``, alterna
 ``--repeats`` times: the median ms per step and per evaluation of each, their ratios, and whether the two
 kinds gave the same metrics, which they should to the last bit.
 """
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,7 +18,8 @@ import fastblas  # noqa: E402,F401  (before mlx: loads an optimized BLAS on Linu
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fresh_runs import alternate, parse_args, report, same_metrics  # noqa: E402
+from fresh_runs import compare, parse_args  # noqa: E402
+from rounds import alternate_rounds  # noqa: E402
 from training.speed.masks import NativeMasks  # noqa: E402
 
 SHAPES = [(512, 4, 512), (512, 1, 512)]
@@ -28,7 +27,8 @@ MLX_MASKS = "import training.speed.trainer as speed\nspeed.NativeMasks.build = c
 KINDS = {"MLX's masks": (MLX_MASKS, {}), "native masks": ("", {})}
 
 
-def time_draws(native: NativeMasks, rounds: int = 21, draws: int = 10) -> dict:
+def time_draws(native: NativeMasks) -> dict:
+    """``{kind: (min, median)}`` ms to draw one batch's masks, by MLX on a CPU stream and by ``native``."""
     stream = mx.new_stream(mx.cpu)
 
     def by_mlx():
@@ -37,15 +37,7 @@ def time_draws(native: NativeMasks, rounds: int = 21, draws: int = 10) -> dict:
 
     def by_native():
         mx.eval(native.draw(0.8, SHAPES)())
-    kinds = {"mx.random.bernoulli": by_mlx, "NativeMasks": by_native}
-    times = {kind: [] for kind in kinds}
-    for _ in range(rounds):
-        for kind, draw in kinds.items():
-            tick = time.perf_counter()
-            for _ in range(draws):
-                draw()
-            times[kind].append(1e3 * (time.perf_counter() - tick) / draws)
-    return {kind: (min(ms), statistics.median(ms)) for kind, ms in times.items()}
+    return alternate_rounds({"mx.random.bernoulli": by_mlx, "NativeMasks": by_native}, calls=10, rounds=21)
 
 
 def main(argv=None) -> int:
@@ -62,10 +54,7 @@ def main(argv=None) -> int:
     for kind, (low, median) in times.items():
         print(f"  {kind:20s} {low:6.2f} / {median:6.2f} ms")
     print(f"  mx.random.bernoulli / NativeMasks: {times['mx.random.bernoulli'][0] / times['NativeMasks'][0]:.1f}")
-    runs = alternate(KINDS, args, overrides)
-    report(runs, args)
-    print(f"  the same final losses from both kinds: {same_metrics([r for rs in runs.values() for r in rs])}")
-    return 0
+    return compare(KINDS, args, overrides, same_across_kinds=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The harness of ``kernel_build.py`` and ``blas_choice.py``: fresh processes that each train the default run
-(``training.loop.train``, no files) for some epochs, two kinds of them alternating, and their medians."""
+"""The harness of ``kernel_build.py``, ``blas_choice.py``, ``dropout_masks.py`` and ``fused_rope.py``: fresh
+processes that each train the default run (``training.loop.train``, no files) for some epochs, two kinds of them
+alternating, and their medians."""
 import argparse
 import json
 import os
@@ -91,3 +92,13 @@ def report(runs: dict, args) -> None:
     (first, a), (second, b) = list(med.items())[:2]
     print(f"  {first} / {second}: step {a['ms_per_step'] / b['ms_per_step']:.3f}   eval "
           f"{a['ms_per_eval'] / b['ms_per_eval']:.3f}   wall {a['wall_s'] / b['wall_s']:.3f}")
+
+
+def compare(kinds: dict, args, overrides: dict, same_across_kinds: bool = False) -> int:
+    """``alternate`` then ``report`` the ``kinds``; ``same_across_kinds``: also whether all runs of every kind ended
+    with the same losses (kinds that compute the same bits)."""
+    runs = alternate(kinds, args, overrides)
+    report(runs, args)
+    if same_across_kinds:
+        print(f"  the same final losses from both kinds: {same_metrics([r for rs in runs.values() for r in rs])}")
+    return 0

@@ -11,7 +11,7 @@ float rounding; each kind's runs should agree to the last bit.
 """
 import sys
 
-from fresh_runs import alternate, parse_args, report
+from fresh_runs import compare, parse_args
 
 MLX_ROPE = ("import training.speed.trainer as speed\nfast_model = speed.FastModel\n"
             "speed.FastModel = lambda model, cfg: fast_model(model, cfg, fused_rope=False)")
@@ -20,8 +20,7 @@ KINDS = {"MLX's RoPE": (MLX_ROPE, {}), "fused RoPE": ("", {})}
 
 def main(argv=None) -> int:
     args, overrides = parse_args(__doc__, argv)
-    report(alternate(KINDS, args, overrides), args)
-    return 0
+    return compare(KINDS, args, overrides)
 
 
 if __name__ == "__main__":

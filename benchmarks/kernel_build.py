@@ -11,7 +11,7 @@ same metrics, which they should to the last bit (``-ffp-contract=off``).
 """
 import sys
 
-from fresh_runs import alternate, parse_args, report, same_metrics
+from fresh_runs import compare, parse_args
 
 BASELINE = "import training.speed.trainer as speed\nspeed.build_kernels_for_this_cpu = lambda: False"
 KINDS = {"baseline kernels": (BASELINE, {}), "kernels for this CPU": ("", {})}
@@ -19,10 +19,7 @@ KINDS = {"baseline kernels": (BASELINE, {}), "kernels for this CPU": ("", {})}
 
 def main(argv=None) -> int:
     args, overrides = parse_args(__doc__, argv)
-    runs = alternate(KINDS, args, overrides)
-    report(runs, args)
-    print(f"  the same final losses from both kinds: {same_metrics([r for rs in runs.values() for r in rs])}")
-    return 0
+    return compare(KINDS, args, overrides, same_across_kinds=True)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ import fastblas  # noqa: E402,F401  (before mlx: loads an optimized BLAS on Linu
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import training.speed  # noqa: E402  (before the first evaluation: sets MLX's evaluation order)
 import mlx.core as mx  # noqa: E402
@@ -33,6 +31,8 @@ from config import Config, override  # noqa: E402
 from optimizers import OptimConfig, build_optimizer  # noqa: E402
 from training.loop import build_trainer  # noqa: E402
 from training.speed.trainer import blas_threads  # noqa: E402
+
+from rounds import alternate_rounds  # noqa: E402
 
 VOCAB, SEQ, BATCH = 99, 4, 512  # the grokking defaults: p = 97 plus two tokens, [a, op, b, =]
 
@@ -71,21 +71,6 @@ def train_step(name: str, streams: bool = True):
     return run
 
 
-def compare(runs: dict, steps: int, repeats: int, warmup: int = 5) -> dict:
-    """Per variant: wall ms per step, (min, median) over alternating rounds."""
-    for run in runs.values():
-        for _ in range(warmup):  # the first steps trace, compile kernels and run the startup
-            run()
-    wall = {label: [] for label in runs}
-    for _ in range(repeats):
-        for label, run in runs.items():
-            tick = time.perf_counter()
-            for _ in range(steps):
-                run()
-            wall[label].append(1e3 * (time.perf_counter() - tick) / steps)
-    return {label: (min(ms), statistics.median(ms)) for label, ms in wall.items()}
-
-
 def report(title: str, ms: dict):
     base = ms["adamw"][0]
     print(title)
@@ -100,10 +85,10 @@ def main_():
     args = parser.parse_args()
     print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, load average {os.getloadavg()[0]:.2f}")
     report("(a) optimizer update, BLAS threads as set (min / median)",
-           compare({"adamw": update_only("adamw"), "quad": update_only("quad")}, args.steps, args.repeats))
+           alternate_rounds({"adamw": update_only("adamw"), "quad": update_only("quad")}, args.steps, args.repeats))
     with blas_threads(1):
         report("(a) optimizer update, one BLAS thread",
-               compare({"adamw": update_only("adamw"), "quad": update_only("quad"),
+               alternate_rounds({"adamw": update_only("adamw"), "quad": update_only("quad"),
                         "quad, 2 streams": update_only("quad", streams=2)}, args.steps, args.repeats))
     fast = training.speed.available()
     with blas_threads(1) if fast else contextlib.nullcontext():
@@ -111,7 +96,7 @@ def main_():
         if fast:
             runs["quad, on the default stream"] = train_step("quad", streams=False)
         report(f"(b) train step ({'two streams, one BLAS thread each' if fast else 'one stream'})",
-               compare(runs, args.steps, args.repeats))
+               alternate_rounds(runs, args.steps, args.repeats))
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
