@@ -21,6 +21,14 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.w
                                 reason="the masks are built with g++ on Linux")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def cpu_stream():
+    """MLX's CPU draws are the reference (and the speed layer's trainer runs on the CPU), also on a machine
+    whose default device is a GPU."""
+    with mx.stream(mx.cpu):
+        yield
+
+
 @pytest.fixture(scope="module")
 def native():
     generator = NativeMasks.build()
@@ -64,10 +72,9 @@ def train_two_epochs(native_masks: bool):
     cfg = override(Config(), SMALL).resolved()
     x, y, _, _ = map(mx.array, data.split(cfg.data, np.random.default_rng(0)))
     order = mx.array(np.random.default_rng(1).permutation(len(y)))
-    with mx.stream(mx.cpu):
-        trainer = FastTrainer(cfg, native_masks=native_masks)
-        totals = [trainer.steps(x, y, order, cfg.train.batch_size) for _ in range(2)]
-        mx.eval(trainer.state, totals)
+    trainer = FastTrainer(cfg, native_masks=native_masks)
+    totals = [trainer.steps(x, y, order, cfg.train.batch_size) for _ in range(2)]
+    mx.eval(trainer.state, totals)
     return trainer, [t[0].item() for t in totals], dict(tree_flatten(trainer.model.parameters()))
 
 
