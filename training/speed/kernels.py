@@ -75,13 +75,18 @@ def _gather_rows_vjp(primals, cotangent, output):
 
 
 
-def rope_order(dims: int, heads: int) -> mx.array:
-    """The order of the ``heads * dims`` query / key features in which :func:`rope` rotates them: each head's
-    even features, then its odd ones. The interleaved ("traditional") layout rotates the pairs ``(2i, 2i + 1)``;
-    reordered, each pair is ``(i, dims / 2 + i)``, two halves that the rotation reads with unit strides. Queries
-    and keys reordered alike have the same dot products, up to the order of the sum."""
+def rope_order(dims: int, heads: int) -> tuple:
+    """``(order, inverse)``: the order of the ``heads * dims`` query / key features in which :func:`rope` rotates
+    them, each head's even features, then its odd ones, and its inverse permutation (both constants, made from
+    Python lists rather than in the graph). The interleaved ("traditional") layout rotates the pairs
+    ``(2i, 2i + 1)``; reordered, each pair is ``(i, dims / 2 + i)``, two halves that the rotation reads with unit
+    strides. Queries and keys reordered alike have the same dot products, up to the order of the sum."""
     within = list(range(0, dims, 2)) + list(range(1, dims, 2))
-    return mx.array([h * dims + i for h in range(heads) for i in within])
+    order = [h * dims + i for h in range(heads) for i in within]
+    inverse = [0] * len(order)
+    for position, feature in enumerate(order):
+        inverse[feature] = position
+    return mx.array(order), mx.array(inverse)
 
 
 @mx.custom_function

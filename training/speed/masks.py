@@ -1,4 +1,4 @@
-"""Dropout masks drawn by native code: the same bits as ``mx.random.bernoulli``, about 8x faster.
+"""Dropout masks drawn by native code: the same bits as ``mx.random.bernoulli``, about 6x faster.
 
 MLX's CPU backend hashes the counters behind ``mx.random.bits`` one pair at a time, which made the dropout
 masks about 9 % of a training step's CPU time. ``masks.cpp`` restates the hash and MLX's layout of the

@@ -30,8 +30,7 @@ def query_key_projections(attn: models.Attention, fused_rope: bool) -> tuple:
     ``kernels.rope_order`` (the weights' rows reordered), which :func:`rotate` with tables expects."""
     if not fused_rope:
         return attn.wq, attn.wk
-    order = rope_order(attn.rope.dims, attn.heads)
-    inverse = mx.argsort(order)
+    order, inverse = rope_order(attn.rope.dims, attn.heads)
     return tuple((lambda x, w=w: x @ permute_rows(w.weight, order, inverse).T) for w in (attn.wq, attn.wk))
 
 
