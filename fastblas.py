@@ -22,7 +22,7 @@ MKL_WHEEL_LIBRARY = "libmkl_rt.so.3"  # where pip puts the `mkl` wheel's librari
 
 def pip_mkl() -> list:
     """Paths of MKL as installed by ``pip install -r requirements-mkl.txt``, if any: the optional MKL is taken
-    before any system BLAS (it was asked for, and measured 6-8 % faster here, see README)."""
+    before any system BLAS (it was asked for, and measured faster here, see README)."""
     prefixes = [sysconfig.get_paths()["data"], sys.prefix, site.getuserbase()]
     found = [Path(prefix) / "lib" / MKL_WHEEL_LIBRARY for prefix in prefixes]
     return list(dict.fromkeys(str(path) for path in found if path.exists()))

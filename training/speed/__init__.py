@@ -3,10 +3,13 @@ outside macOS, from the same parameters (same names: checkpoints are interchange
 plain path (``tests/test_speed_paths.py``). The trainer is chosen once (``training.loop.build_trainer``).
 
     kernels.py   fused elementwise kernels: the SiLU gate with dropout, a sigmoid from multiply-adds, a
-                 gather whose gradient is one matmul
-    compiler.py  MLX's fused kernels built for this CPU (a g++ wrapper adding -march=native)
+                 gather whose gradient is one matmul, the rotary embedding on reordered features
+    compiler.py  MLX's fused kernels built for this CPU (a g++ wrapper adding -march=native), and the
+                 layer's own C++ built the same way
+    masks.py     dropout masks drawn by native code (masks.cpp): mx.random.bernoulli's bits, faster
     model.py     FastModel: the forward pass with the last block pruned to the read-out position, the first
-                 block's q/k/v looked up per token, and prefixes shared across evaluation rows
+                 block's q/k/v looked up per token, one fused rotation, and prefixes shared across evaluation
+                 rows
     trainer.py   FastTrainer: batches split over two CPU streams, dropout masks drawn a step ahead, BLAS
                  threads, glibc malloc settings, subnormals flushed to zero
 """
