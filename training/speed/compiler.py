@@ -76,22 +76,23 @@ def build_kernels_for_this_cpu(flags: tuple = FLAGS) -> bool:
     return True
 
 
-def build_library(source: Path, flags: tuple = FLAGS) -> Optional[Path]:
-    """The C++ file ``source`` built with ``flags`` into a shared library in the temporary directory, named after
-    the compiler, the flags, this CPU and the source, so that it is built once and rebuilt only when one of them
-    changes; None on Linux without a ``g++`` that builds it, and elsewhere."""
+def build_library(source: Path, flags: tuple = FLAGS, options: tuple = (), identity: tuple = ()) -> Optional[Path]:
+    """The C++ file ``source`` built with ``flags`` (and ``options``: more sources, include paths, libraries) into a
+    shared library in the temporary directory, named after the compiler, the flags, this CPU, the source, the
+    options and ``identity`` (versions of what the options point at), so that it is built once and rebuilt only
+    when one of them changes; None on Linux without a ``g++`` that builds it, and elsewhere."""
     compiler = real_compiler()
     if platform.system() != "Linux" or compiler is None:
         return None
-    key = hashlib.sha256("\n".join([os.path.realpath(compiler), *flags, cpu_signature(), source.read_text()])
-                         .encode()).hexdigest()
+    key = hashlib.sha256("\n".join([os.path.realpath(compiler), *flags, cpu_signature(), source.read_text(),
+                                    *options, *identity]).encode()).hexdigest()
     library = Path(tempfile.gettempdir()) / f"{source.stem}-{key[:16]}.so"
     if library.exists():
         return library
     staged = library.with_name(f"{library.name}.{os.getpid()}")
-    command = [compiler, "-std=c++17", "-O3", "-fPIC", "-shared", *flags, str(source), "-o", str(staged)]
+    command = [compiler, "-std=c++17", "-O3", "-fPIC", "-shared", *flags, str(source), *options, "-o", str(staged)]
     try:
-        built = subprocess.run(command, capture_output=True, timeout=120).returncode == 0
+        built = subprocess.run(command, capture_output=True, timeout=300).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         built = False
     if not built:

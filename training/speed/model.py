@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import models
+from training.speed.attention import attention as native_attention, load_extension
 from training.speed.kernels import fast_sigmoid, gather_rows, permute_rows, rope, rope_order, rope_tables, silu_gate
 
 
@@ -35,53 +36,74 @@ def query_key_projections(attn: models.Attention, fused_rope: bool) -> tuple:
 
 
 def rotate(attn: models.Attention, t: mx.array, start: int, tables: Optional[tuple]) -> mx.array:
-    """Queries or keys ``t`` ``(B, L, D)`` of positions ``start ..`` as heads ``(B, H, L, D/H)``, rotated by
+    """Queries or keys ``t`` ``(B, L, D)`` of positions ``start ..`` as heads ``(B, L, H, D/H)``, rotated by
     ``kernels.rope`` with ``tables`` (``kernels.rope_tables`` of positions ``0 ..``; ``t`` from
     :func:`query_key_projections`), or by ``attn.rope`` if None."""
     B, L, _ = t.shape
     t = t.reshape(B, L, attn.heads, -1)
     if tables is None:
-        return attn.rope(t.transpose(0, 2, 1, 3), offset=start)
+        return attn.rope(t.transpose(0, 2, 1, 3), offset=start).transpose(0, 2, 1, 3)
     C, S = tables if start + L <= len(tables[0]) else rope_tables(attn.rope, start + L)
-    return rope(t, C[start:start + L], S[start:start + L]).transpose(0, 2, 1, 3)
+    return rope(t, C[start:start + L], S[start:start + L])
+
+
+def attend(queries: mx.array, keys: list, values: list, scale: float, native: bool,
+           rows: Optional[mx.array] = None) -> mx.array:
+    """Causal attention of ``queries`` ``(B, Lq, H, d)`` over keys and values ``(B, Lk_i, H, d)`` in parts along
+    the sequence, query ``i`` seeing the keys up to ``i + Lk - Lq`` (see ``speed.attention``, also for ``rows``);
+    ``native``: by the native primitives, else by MLX's ``scaled_dot_product_attention``."""
+    if native:
+        return native_attention(queries, keys, values, scale, rows)
+    if rows is not None:
+        keys, values = [keys[0][rows], *keys[1:]], [values[0][rows], *values[1:]]
+    heads_first = [mx.concatenate(parts, axis=1).transpose(0, 2, 1, 3) if len(parts) > 1 else
+                   parts[0].transpose(0, 2, 1, 3) for parts in (keys, values)]
+    Lq, Lk = queries.shape[1], heads_first[0].shape[2]
+    if Lq == 1:
+        mask = None  # the last query attends to every key
+    elif Lq == Lk:
+        mask = "causal"
+    else:
+        mask = mx.arange(Lk)[None] <= mx.arange(Lk - Lq, Lk)[:, None]
+    out = mx.fast.scaled_dot_product_attention(queries.transpose(0, 2, 1, 3), *heads_first, scale=scale, mask=mask)
+    return out.transpose(0, 2, 1, 3)
 
 
 def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = False,
               past: Optional[tuple] = None, return_kv: bool = False, qkv: Optional[tuple] = None,
-              tables: Optional[tuple] = None):
-    """``attn`` over ``x`` ``(B, L, D)``, after ``past`` = ``(keys, values)`` ``(B, H, P, D/H)`` of the ``P``
-    positions before it when given; ``last_only``: queries and output for the last position only;
+              tables: Optional[tuple] = None, native: bool = False, past_rows: Optional[mx.array] = None):
+    """``attn`` over ``x`` ``(B, L, D)``, after ``past`` = ``(keys, values)`` ``(B, P, H, D/H)`` of the ``P``
+    positions before it when given (with ``past_rows`` ``(B,)``: ``past`` ``(U, P, H, D/H)``, of which row ``b`` of
+    ``x`` follows row ``past_rows[b]``); ``last_only``: queries and output for the last position only;
     ``return_kv``: also this call's keys and values; ``qkv``: the projections of ``x`` already computed
     (queries and keys as :func:`query_key_projections` makes them; then ``x`` is not used); ``tables``: the
-    rotary embedding's for ``kernels.rope`` (None: ``attn.rope``), see :func:`rotate`."""
+    rotary embedding's for ``kernels.rope`` (None: ``attn.rope``), see :func:`rotate`; ``native``: see
+    :func:`attend`."""
     B, L, D = (x if qkv is None else qkv[0]).shape
     wq, wk = query_key_projections(attn, tables is not None)
     project = (lambda i, w: w(x)) if qkv is None else (lambda i, w: qkv[i])
-    offset = 0 if past is None else past[0].shape[2]
+    offset = 0 if past is None else past[0].shape[1]
     new_keys = rotate(attn, project(1, wk), offset, tables)
-    new_values = project(2, attn.wv).reshape(B, L, attn.heads, -1).transpose(0, 2, 1, 3)
-    keys, values = new_keys, new_values
-    if past is not None:
-        keys, values = mx.concatenate([past[0], keys], axis=2), mx.concatenate([past[1], values], axis=2)
+    new_values = project(2, attn.wv).reshape(B, L, attn.heads, -1)
     if last_only:
-        # The last query attends to every key, so it needs no mask.
         queries = rotate(attn, wq(x[:, -1:]) if qkv is None else qkv[0][:, -1:], offset + L - 1, tables)
-        mask = None
     else:
         queries = rotate(attn, project(0, wq), offset, tables)
-        mask = "causal" if past is None else mx.arange(offset + L)[None] <= mx.arange(offset, offset + L)[:, None]
-    out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=(D // attn.heads) ** -0.5, mask=mask)
-    out = attn.wo(out.transpose(0, 2, 1, 3).reshape(B, queries.shape[2], D))
+    keys, values = ([new_keys], [new_values]) if past is None else ([past[0], new_keys], [past[1], new_values])
+    out = attend(queries, keys, values, (D // attn.heads) ** -0.5, native, past_rows)
+    out = attn.wo(out.reshape(B, queries.shape[1], D))
     return (out, (new_keys, new_values)) if return_kv else out
 
 
 class FastModel:
     """The forward pass of ``model`` with the tricks above; ``fused``: the fused SiLU-gate kernels;
-    ``fused_rope``: the fused rotary embedding (both rather than MLX's)."""
+    ``fused_rope``: the fused rotary embedding; ``native_attention``: the native attention primitives, where
+    they build (all rather than MLX's)."""
 
     def __init__(self, model: models.Transformer, cfg: models.ModelConfig, fused: bool = True,
-                 lookup_first_qkv: bool = True, fused_rope: bool = True):
+                 lookup_first_qkv: bool = True, fused_rope: bool = True, native_attention: bool = True):
         self.model = model
+        self.native_attention = native_attention and load_extension() is not None
         self.keep_prob = 1 - cfg.dropout  # dropout on the SiLU branch, as nn.Dropout(cfg.dropout)
         self.fused = fused
         self.fused_rope = fused_rope
@@ -106,10 +128,12 @@ class FastModel:
         return ff.w2(silu_gate(a, b, keep, mx.array(1 / self.keep_prob))[0])
 
     def block(self, block: models.Block, x: mx.array, last_only: bool = False, keep: Optional[mx.array] = None,
-              past: Optional[tuple] = None, qkv: Optional[tuple] = None) -> mx.array:
-        """``block(x)``; ``qkv``: the attention's projections of ``attn_norm(x)``, already computed."""
+              past: Optional[tuple] = None, qkv: Optional[tuple] = None,
+              past_rows: Optional[mx.array] = None) -> mx.array:
+        """``block(x)``; ``qkv``: the attention's projections of ``attn_norm(x)``, already computed; ``past``,
+        ``past_rows``: see :func:`attention`."""
         h = attention(block.attn, block.attn_norm(x) if qkv is None else None, last_only, past, qkv=qkv,
-                      tables=self.tables_of(block))
+                      tables=self.tables_of(block), native=self.native_attention, past_rows=past_rows)
         x = (x[:, -1:] if last_only else x) + h
         return x + self.feed_forward(block.ff, block.ff_norm(x), keep)
 
@@ -150,26 +174,28 @@ class FastModel:
         return shapes and [mx.random.bernoulli(self.keep_prob, shape) for shape in shapes]
 
     def prefix_keys_values(self, prefixes: mx.array) -> list:
-        """Each block's attention ``(keys, values)`` ``(U, H, P, D/H)`` for the ``U`` sequences ``prefixes``
+        """Each block's attention ``(keys, values)`` ``(U, P, H, D/H)`` for the ``U`` sequences ``prefixes``
         ``(U, P)`` (eval mode: no dropout). See :meth:`logits_after`."""
         blocks = self.model.blocks
         x = self.model.embedding(prefixes)
         cache = []
         for block in blocks:
-            h, kv = attention(block.attn, block.attn_norm(x), return_kv=True, tables=self.tables_of(block))
+            h, kv = attention(block.attn, block.attn_norm(x), return_kv=True, tables=self.tables_of(block),
+                              native=self.native_attention)
             cache.append(kv)
             if block is not blocks[-1]:
                 x = x + h
                 x = x + self.feed_forward(block.ff, block.ff_norm(x), None)
         return cache
 
-    def logits_after(self, tokens: mx.array, past: list) -> mx.array:
+    def logits_after(self, tokens: mx.array, past: list, rows: Optional[mx.array] = None) -> mx.array:
         """``self(concatenate([prefix, tokens], 1))`` in eval mode, from the prefix's keys and values ``past``
-        (from :meth:`prefix_keys_values`, one row per row of ``tokens``)."""
+        (from :meth:`prefix_keys_values`, one row per row of ``tokens``; with ``rows``, one per prefix, row ``b``
+        of ``tokens`` following prefix ``rows[b]``)."""
         blocks = self.model.blocks
         x = self.model.embedding(tokens)
         qkv = self.first_qkv(tokens) if self.lookup_first_qkv else None
         for block, kv in zip(blocks[:-1], past):
-            x, qkv = self.block(block, x, past=kv, qkv=qkv), None
-        x = self.block(blocks[-1], x, last_only=True, past=past[-1])[:, 0]
+            x, qkv = self.block(block, x, past=kv, qkv=qkv, past_rows=rows), None
+        x = self.block(blocks[-1], x, last_only=True, past=past[-1], past_rows=rows)[:, 0]
         return self.model.out(self.model.norm(x))

@@ -159,8 +159,7 @@ class FastTrainer(Trainer):
         @partial(mx.compile, inputs=model.state)
         def evaluate_part_after(x, y, rows_prefix, past, part):  # x: the tokens after the prefixes
             with mx.stream(self.streams[part]):
-                past = [(keys[rows_prefix], values[rows_prefix]) for keys, values in past]
-                return loss_and_correct(fast.logits_after(x, past), y)
+                return loss_and_correct(fast.logits_after(x, past, rows_prefix), y)
 
         self._fast_step, self._evaluate_part, self._evaluate_part_after = step, evaluate_part, evaluate_part_after
         self._prefix_keys_values = mx.compile(fast.prefix_keys_values, inputs=model.state)

@@ -1,0 +1,191 @@
+"""The native attention primitives (``training/speed/attention.cpp``) against MLX's
+``scaled_dot_product_attention``: forward and vector-Jacobian product over head counts, lengths, head sizes that
+are and are not multiples of the kernel's lanes, strided inputs, key parts and prefix rows read in place;
+compiled as eager; the fast model and trainer with them as without; one-line errors; the fallback without
+nanobind."""
+import shutil
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import data
+from config import Config, override
+from models import ModelConfig, Transformer
+from training.speed import attention as native
+from training.speed.model import FastModel, attend
+from training.speed.trainer import FastTrainer
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
+                                reason="the primitives are built with g++ on Linux")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cpu_stream():
+    """The primitives are the CPU backend's: test them on the CPU, also where the default device is a GPU."""
+    with mx.stream(mx.cpu):
+        yield
+
+
+@pytest.fixture(scope="module")
+def extension():
+    module = native.load_extension()
+    assert module is not None, "nanobind is in requirements.txt: the extension should build here"
+    return module
+
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference relative to the largest reference magnitude (absolute where that is 0: a
+    query with one key has no gradient)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / (np.abs(b).max() or 1.0))
+
+
+def heads_last(*shape, seed=0):
+    """A random ``(B, L, H, d)`` array."""
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
+def mlx_attention(q, k, v, scale):
+    """MLX's attention of ``(B, L, H, d)`` arrays, query ``i`` seeing keys ``<= i + Lk - Lq``."""
+    return attend(q, [k], [v], scale, native=False)
+
+
+SHAPES = [  # (B, Lq, Lk, H, d)
+    (7, 4, 4, 1, 128), (5, 4, 4, 4, 32), (3, 1, 4, 2, 16), (6, 3, 3, 3, 24), (2, 2, 5, 1, 7), (4, 1, 1, 2, 130)]
+
+
+@pytest.mark.parametrize("B,Lq,Lk,H,d", SHAPES)
+def test_forward_equals_mlxs_attention(extension, B, Lq, Lk, H, d):
+    q, k, v = heads_last(B, Lq, H, d, seed=1), heads_last(B, Lk, H, d, seed=2), heads_last(B, Lk, H, d, seed=3)
+    scale = d ** -0.5
+    assert rel_err(native.attention(q, [k], [v], scale), mlx_attention(q, k, v, scale)) <= 1e-6
+
+
+@pytest.mark.parametrize("B,Lq,Lk,H,d", SHAPES)
+def test_vjp_equals_mlxs(extension, B, Lq, Lk, H, d):
+    q, k, v = heads_last(B, Lq, H, d, seed=1), heads_last(B, Lk, H, d, seed=2), heads_last(B, Lk, H, d, seed=3)
+    g = heads_last(B, Lq, H, d, seed=4)
+    scale = d ** -0.5
+
+    def grads(f):
+        return mx.grad(lambda q, k, v: (f(q, k, v, scale) * g).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    for ours, theirs in zip(grads(lambda *a: native.attention(a[0], [a[1]], [a[2]], a[3])), grads(mlx_attention)):
+        assert rel_err(ours, theirs) <= 2e-6
+
+
+def test_compiled_equals_eager_to_the_bit(extension):
+    q, k, v, g = (heads_last(6, 4, 2, 32, seed=s) for s in range(4))
+
+    def loss(q, k, v):
+        return (native.attention(q, [k], [v], 0.25) * g).sum()
+
+    step = mx.value_and_grad(loss, argnums=(0, 1, 2))
+    eager, compiled = step(q, k, v), mx.compile(step)(q, k, v)
+    assert np.array_equal(eager[0], compiled[0])
+    assert all(np.array_equal(a, b) for a, b in zip(eager[1], compiled[1]))
+
+
+def test_strided_inputs_are_read_in_place(extension):
+    # (B, H, L, d) arrays seen as (B, L, H, d): strided rows; a sliced d: stride 1 along d but rows apart.
+    q, k, v = (heads_last(5, 3, 4, 40, seed=s).transpose(0, 2, 1, 3)[..., :33] for s in range(3))
+    contiguous = [mx.array(np.asarray(a)) for a in (q, k, v)]
+    assert np.array_equal(native.attention(q, [k], [v], 0.3), native.attention(*contiguous[:1], [contiguous[1]],
+                                                                                [contiguous[2]], 0.3))
+    # A stride other than 1 along d is copied first.
+    qt = heads_last(5, 4, 3, 40, seed=7).transpose(0, 3, 2, 1)[:, :3, :, :4]  # d strided
+    kt = heads_last(5, 4, 3, 40, seed=8).transpose(0, 3, 2, 1)[:, :3, :, :4]
+    assert rel_err(native.attention(qt, [kt], [kt], 0.5), mlx_attention(qt, kt, kt, 0.5)) <= 1e-6
+
+
+@pytest.mark.parametrize("splits", [(1, 3), (2, 2), (3, 1), (1, 1, 2)])
+def test_key_parts_equal_their_concatenation(extension, splits):
+    q, k, v = heads_last(6, 2, 2, 16, seed=1), heads_last(6, 4, 2, 16, seed=2), heads_last(6, 4, 2, 16, seed=3)
+    bounds = np.cumsum((0,) + splits)
+    parts = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    whole = native.attention(q, [k], [v], 0.25)
+    split = native.attention(q, [k[:, s] for s in parts], [v[:, s] for s in parts], 0.25)
+    assert np.array_equal(whole, split)
+    assert rel_err(split, mlx_attention(q, k, v, 0.25)) <= 1e-6
+
+
+def test_prefix_rows_read_in_place_equal_the_gathered_prefixes(extension):
+    table_k, table_v = heads_last(3, 2, 2, 16, seed=1), heads_last(3, 2, 2, 16, seed=2)  # 3 prefixes of 2
+    rows = mx.array([2, 0, 0, 1, 2, 1, 1])
+    q, k, v = heads_last(7, 2, 2, 16, seed=3), heads_last(7, 2, 2, 16, seed=4), heads_last(7, 2, 2, 16, seed=5)
+    indexed = native.attention(q, [table_k, k], [table_v, v], 0.25, rows)
+    gathered = native.attention(q, [table_k[rows], k], [table_v[rows], v], 0.25)
+    assert np.array_equal(indexed, gathered)
+    reference = attend(q, [table_k, k], [table_v, v], 0.25, native=False, rows=rows)
+    assert rel_err(indexed, reference) <= 1e-6
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.attention(mx.zeros((2, 4, 1, 8), mx.float16), [mx.zeros((2, 4, 1, 8))], [mx.zeros((2, 4, 1, 8))],
+                           1.0), "float32"),
+    (lambda e: e.attention(mx.zeros((2, 4, 1, 8)), [mx.zeros((2, 4, 1, 8))], [], 1.0), "same number of parts"),
+    (lambda e: e.attention(mx.zeros((2, 4, 1, 8)), [mx.zeros((3, 4, 1, 8))], [mx.zeros((3, 4, 1, 8))], 1.0),
+     "(B, _, H, d)"),
+    (lambda e: e.attention(mx.zeros((2, 5, 1, 8)), [mx.zeros((2, 4, 1, 8))], [mx.zeros((2, 4, 1, 8))], 1.0),
+     "more queries than keys"),
+    (lambda e: e.attention(mx.zeros((2, 4, 1, 8)), [mx.zeros((2, 4, 1, 8))], [mx.zeros((2, 3, 1, 8))], 1.0),
+     "each key part needs its values"),
+    (lambda e: e.attention(mx.zeros((2, 1, 1, 8)), [mx.zeros((3, 2, 1, 8))], [mx.zeros((3, 2, 1, 8))], 1.0,
+                           mx.array([0, 1, 2])), "rows must be a (B,) array"),
+])
+def test_bad_input_gets_a_one_line_error(extension, call, message):
+    with pytest.raises(ValueError) as error:
+        call(extension)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def model_and_tokens(dim=32, heads=2, depth=3, rows=16):
+    cfg = ModelConfig(dim=dim, depth=depth, heads=heads, dropout=0.0)
+    model = Transformer(cfg, vocab_size=13)
+    mx.eval(model.parameters())
+    tokens = mx.array(np.random.default_rng(0).integers(0, 13, size=(rows, 4)))
+    return cfg, model, tokens
+
+
+def test_fast_model_with_native_attention_equals_it_without(extension):
+    cfg, model, tokens = model_and_tokens()
+    with_native, without = FastModel(model, cfg), FastModel(model, cfg, native_attention=False)
+    assert with_native.native_attention and not without.native_attention
+    assert rel_err(with_native(tokens), without(tokens)) <= 1e-5
+    past_native, past_mlx = with_native.prefix_keys_values(tokens[:5, :2]), without.prefix_keys_values(tokens[:5, :2])
+    rows = mx.array(np.arange(16) % 5)
+    assert rel_err(with_native.logits_after(tokens[:, 2:], past_native, rows),
+                   without.logits_after(tokens[:, 2:], past_mlx, rows)) <= 1e-5
+
+
+def test_a_trainer_with_native_attention_follows_one_without(extension):
+    cfg = override(Config(), {"data.p": 11, "model.dim": 32, "model.heads": 2, "train.batch_size": 32})
+    tokens, labels = data.modular_arithmetic(cfg.data)
+    x, y = mx.array(tokens[:64]), mx.array(labels[:64])
+    params = {}
+    for use in (True, False):
+        mx.random.seed(0)
+        trainer = FastTrainer(cfg)
+        assert trainer.fast.native_attention
+        trainer.fast.native_attention = use  # read when the step is first traced
+        for _ in range(3):
+            trainer.step(x, y)
+        mx.eval(trainer.model.parameters())
+        params[use] = dict(tree_flatten(trainer.model.parameters()))
+    for name, value in params[True].items():
+        assert rel_err(value, params[False][name]) <= 1e-4, name
+
+
+def test_without_nanobind_the_model_keeps_mlxs_attention(monkeypatch):
+    monkeypatch.setattr(native, "build_options", lambda: None)
+    native.load_extension.cache_clear()
+    try:
+        cfg, model, tokens = model_and_tokens()
+        fast = FastModel(model, cfg)
+        assert not fast.native_attention
+        assert rel_err(fast(tokens), model(tokens)) <= 1e-5
+    finally:
+        native.load_extension.cache_clear()

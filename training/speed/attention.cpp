@@ -1,0 +1,341 @@
+// Causal attention over a few positions as MLX primitives for the CPU backend: the forward pass and its
+// vector-Jacobian product, each one pass over the (row, head) pairs.
+//
+// MLX's fallback for mx.fast.scaled_dot_product_attention on the CPU computes the scores and the output as
+// batched matmuls: for a (B, H, 4, d) query that is B x H BLAS calls of a 4 x d by d x 4 product each, plus
+// the transposes into and out of the (B, H, L, d) layout, the scaling, the mask and the softmax as separate
+// passes. Here each (row, head) pair is a few dot products of length d, done in registers, on arrays in the
+// (B, L, H, d) layout the projections produce (any strides, unit stride along d).
+//
+// Query i of Lq attends to key j of Lk when j <= i + Lk - Lq: the causal mask when Lq == Lk, every key for a
+// read-out position (Lq == 1), and the keys of a prefix cache followed by the new ones. The keys and values
+// may come in several parts along the sequence (a prefix cache and the new positions), read in place rather
+// than concatenated.
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+
+namespace {
+
+// A 4-d float32 array's data as row-major: `data` itself, or a copy in `storage` when its strides differ.
+const float* row_major(const float* data, const mx::Shape& shape, const mx::Strides& strides,
+                       std::vector<float>& storage) {
+  int64_t expected = 1;
+  bool dense = true;
+  for (int axis = 3; axis >= 0; --axis) {
+    dense = dense && (shape[axis] == 1 || strides[axis] == expected);
+    expected *= shape[axis];
+  }
+  if (dense) return data;
+  storage.resize(expected);
+  float* out = storage.data();
+  for (int a = 0; a < shape[0]; ++a)
+    for (int b = 0; b < shape[1]; ++b)
+      for (int c = 0; c < shape[2]; ++c)
+        for (int e = 0; e < shape[3]; ++e)
+          *out++ = data[a * strides[0] + b * strides[1] + c * strides[2] + e * strides[3]];
+  return storage.data();
+}
+
+// A (B, L, H, d) float32 array read in place: its data and its strides along B, L and H, with unit stride
+// along d (see unit_inner); with `rows`, row b of it is row rows[b] of the array (a prefix cache shared by many
+// rows). Strides are only known once the array is evaluated: views are made in eval_cpu, and the data is read
+// in the dispatched task, when it is there.
+struct View {
+  const float* data;
+  mx::Shape shape;
+  mx::Strides strides;
+  const int32_t* rows = nullptr;
+  int64_t rows_stride = 0;
+  std::vector<float> storage;
+
+  int length() const { return shape[1]; }
+
+  // Copies the array to row-major storage if its stride along d is not 1 (the kernels' inner loops need it).
+  void unit_inner() {
+    if (strides[3] != 1) {
+      data = row_major(data, shape, strides, storage);
+      strides = {int64_t(shape[1]) * shape[2] * shape[3], int64_t(shape[2]) * shape[3], shape[3], 1};
+    }
+  }
+
+  const float* at(int64_t b, int64_t j, int64_t h) const {
+    return data + (rows ? rows[b * rows_stride] : b) * strides[0] + j * strides[1] + h * strides[2];
+  }
+};
+
+View view_of(const mx::array& a) { return {a.data<float>(), a.shape(), a.strides()}; }
+
+// a . b in LANES independent partial sums, added at the end: a fixed order the compiler can vectorize (one sum
+// would be a chain of dependent adds, which it may not reorder).
+constexpr int LANES = 16;
+
+float dot(const float* a, const float* b, int d) {
+  float lanes[LANES] = {};
+  int t = 0;
+  for (; t + LANES <= d; t += LANES)
+    for (int l = 0; l < LANES; ++l) lanes[l] += a[t + l] * b[t + l];
+  for (; t < d; ++t) lanes[t % LANES] += a[t] * b[t];
+  float sum = 0.0f;
+  for (int l = 0; l < LANES; ++l) sum += lanes[l];
+  return sum;
+}
+
+// Pointers to key / value j of (row b, head h) over the parts, in sequence order.
+void gather_rows(const std::vector<View>& parts, int64_t b, int64_t h, std::vector<const float*>& out) {
+  out.clear();
+  for (const View& p : parts)
+    for (int j = 0; j < p.length(); ++j) out.push_back(p.at(b, j, h));
+}
+
+// y += w x over d elements. (The kernels are free functions of restrict pointers and local sizes: the build
+// has -fno-strict-aliasing, for nanobind, under which a float store might change any size or pointer in
+// memory, and loops over them would not be vectorized.)
+void add_scaled(float w, const float* __restrict x, float* __restrict y, int d) {
+  for (int t = 0; t < d; ++t) y[t] += w * x[t];
+}
+
+// One query's attention over its `visible` keys k[j] and values v[j] (of Lk): the probabilities p (Lk, zero
+// past `visible`) and the output out (d). `scaled` is scratch of d floats.
+void attend_query(const float* __restrict q, const float* const* k, const float* const* v, int visible, int Lk,
+                  int d, float scale, float* __restrict scaled, float* __restrict p, float* __restrict out) {
+  for (int t = 0; t < d; ++t) scaled[t] = q[t] * scale;  // the query scaled first, as MLX does
+  float top = -INFINITY;
+  for (int j = 0; j < visible; ++j) top = std::max(top, p[j] = dot(scaled, k[j], d));
+  float total = 0.0f;
+  for (int j = 0; j < visible; ++j) total += (p[j] = std::exp(p[j] - top));
+  for (int j = 0; j < visible; ++j) p[j] /= total;
+  for (int j = visible; j < Lk; ++j) p[j] = 0.0f;
+  std::fill_n(out, d, 0.0f);
+  for (int j = 0; j < visible; ++j) add_scaled(p[j], v[j], out, d);
+}
+
+// The vector-Jacobian product of one (row, head) pair: from the rows q[i], k[j], v[j], the output's cotangent
+// g[i] and the forward probabilities p (Lq, Lk), the cotangents dq[i], dk[j], dv[j]. `ds` is scratch (Lq, Lk).
+void attend_backward(const float* const* q, const float* const* k, const float* const* v, const float* const* g,
+                     const float* __restrict p, int Lq, int Lk, int d, float scale, float* __restrict ds,
+                     float* const* dq, float* const* dk, float* const* dv) {
+  for (int j = 0; j < Lk; ++j) {
+    std::fill_n(dk[j], d, 0.0f);
+    std::fill_n(dv[j], d, 0.0f);
+  }
+  for (int i = 0; i < Lq; ++i) {
+    // dP_ij = g_i . v_j; dS_ij = P_ij (dP_ij - sum_j' P_ij' dP_ij') scale; dv_j += P_ij g_i.
+    const int visible = i + Lk - Lq + 1;
+    const float* pi = p + i * Lk;
+    float* dsi = ds + i * Lk;
+    float weighted = 0.0f;
+    for (int j = 0; j < visible; ++j) {
+      dsi[j] = dot(g[i], v[j], d);
+      weighted += pi[j] * dsi[j];
+      add_scaled(pi[j], g[i], dv[j], d);
+    }
+    for (int j = 0; j < visible; ++j) dsi[j] = pi[j] * (dsi[j] - weighted) * scale;
+    // dq_i = sum_j dS_ij k_j (the scale is in dS).
+    std::fill_n(dq[i], d, 0.0f);
+    for (int j = 0; j < visible; ++j) add_scaled(dsi[j], k[j], dq[i], d);
+    // dk_j += dS_ij q_i.
+    for (int j = 0; j < visible; ++j) add_scaled(dsi[j], q[i], dk[j], d);
+  }
+}
+
+void check_input(const mx::array& a, const char* what) {
+  if (a.dtype() != mx::float32 || a.ndim() != 4)
+    throw std::invalid_argument(std::string(what) + " must be a float32 (B, L, H, d) array");
+}
+
+// The forward pass. Inputs: q, then the key parts, then the value parts, then (`indexed`) the int32 rows (B,)
+// of the first parts that each row of q reads. Outputs: the attention output (B, Lq, H, d) and the
+// probabilities (B, H, Lq, Lk), which the backward pass reuses.
+class Attention : public mx::Primitive {
+ public:
+  Attention(mx::Stream stream, float scale, int parts, bool indexed)
+      : mx::Primitive(stream), scale_(scale), parts_(parts), indexed_(indexed) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    mx::array& out = outputs[0];
+    mx::array& probs = outputs[1];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    probs.set_data(mx::allocator::malloc(probs.nbytes()));
+    const mx::array& q = inputs[0];
+    std::vector<View> keys, values;
+    for (int p = 0; p < parts_; ++p) {
+      keys.push_back(view_of(inputs[1 + p]));
+      values.push_back(view_of(inputs[1 + parts_ + p]));
+    }
+    if (indexed_) {
+      keys[0].rows = values[0].rows = inputs.back().data<int32_t>();
+      keys[0].rows_stride = values[0].rows_stride = inputs.back().strides()[0];
+    }
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    encoder.set_output_array(probs);
+    encoder.dispatch([q = view_of(q), keys = std::move(keys), values = std::move(values), B = q.shape(0),
+                      H = q.shape(2), d = static_cast<int>(q.shape(3)), out = out.data<float>(),
+                      probs = probs.data<float>(), scale = scale_]() mutable {
+      q.unit_inner();
+      for (auto* parts : {&keys, &values})
+        for (View& p : *parts) p.unit_inner();
+      const int Lq = q.length();
+      int Lk = 0;
+      for (const View& p : keys) Lk += p.length();
+      std::vector<const float*> k, v;
+      std::vector<float> scaled(d);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t h = 0; h < H; ++h) {
+          gather_rows(keys, b, h, k);
+          gather_rows(values, b, h, v);
+          for (int i = 0; i < Lq; ++i)
+            attend_query(q.at(b, i, h), k.data(), v.data(), i + Lk - Lq + 1,
+                         Lk, d, scale, scaled.data(), probs + ((b * H + h) * Lq + i) * Lk,
+                         out + ((b * Lq + i) * H + h) * d);
+        }
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("this attention primitive runs on the CPU only");
+  }
+
+  const char* name() const override { return "FewPositionAttention"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Attention&>(other);
+    return scale_ == o.scale_ && parts_ == o.parts_ && indexed_ == o.indexed_;
+  }
+
+ private:
+  float scale_;
+  int parts_;
+  bool indexed_;
+};
+
+// The vector-Jacobian product of one-part attention. Inputs: q, k, v, the forward probabilities and the
+// output's cotangent. Outputs: the cotangents of q, k and v, each (B, L, H, d).
+class AttentionBackward : public mx::Primitive {
+ public:
+  AttentionBackward(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    for (auto& o : outputs) encoder.set_output_array(o);
+    const mx::array& q = inputs[0];
+    encoder.dispatch([q = view_of(q), k = view_of(inputs[1]), v = view_of(inputs[2]),
+                      p = view_of(inputs[3]), g = view_of(inputs[4]), B = q.shape(0), H = q.shape(2),
+                      d = static_cast<int>(q.shape(3)), dq = outputs[0].data<float>(),
+                      dk = outputs[1].data<float>(), dv = outputs[2].data<float>(), scale = scale_]() mutable {
+      for (View* a : {&q, &k, &v, &g}) a->unit_inner();
+      const float* probs = row_major(p.data, p.shape, p.strides, p.storage);
+      const int Lq = q.length(), Lk = k.length();
+      std::vector<float> ds(Lq * Lk);
+      std::vector<const float*> qs(Lq), ks(Lk), vs(Lk), gs(Lq);
+      std::vector<float*> dqs(Lq), dks(Lk), dvs(Lk);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t h = 0; h < H; ++h) {
+          for (int i = 0; i < Lq; ++i) {
+            qs[i] = q.at(b, i, h);
+            gs[i] = g.at(b, i, h);
+            dqs[i] = dq + ((b * Lq + i) * H + h) * d;
+          }
+          for (int j = 0; j < Lk; ++j) {
+            ks[j] = k.at(b, j, h);
+            vs[j] = v.at(b, j, h);
+            dks[j] = dk + ((b * Lk + j) * H + h) * d;
+            dvs[j] = dv + ((b * Lk + j) * H + h) * d;
+          }
+          attend_backward(qs.data(), ks.data(), vs.data(), gs.data(), probs + (b * H + h) * Lq * Lk, Lq, Lk, d,
+                          scale, ds.data(), dqs.data(), dks.data(), dvs.data());
+        }
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("this attention primitive runs on the CPU only");
+  }
+
+  const char* name() const override { return "FewPositionAttentionBackward"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const AttentionBackward&>(other).scale_;
+  }
+
+ private:
+  float scale_;
+};
+
+std::vector<mx::array> attention(const mx::array& q, const std::vector<mx::array>& keys,
+                                 const std::vector<mx::array>& values, float scale,
+                                 const std::optional<mx::array>& rows) {
+  auto s = mx::to_stream({});
+  check_input(q, "queries");
+  if (keys.empty() || keys.size() != values.size())
+    throw std::invalid_argument("keys and values must come in the same number of parts, at least one");
+  const int B = q.shape(0), H = q.shape(2), d = q.shape(3), Lq = q.shape(1);
+  int Lk = 0;
+  std::vector<mx::array> inputs = {q};
+  for (const auto* group : {&keys, &values}) {
+    for (size_t p = 0; p < group->size(); ++p) {
+      const mx::array& a = (*group)[p];
+      check_input(a, "keys and values");
+      if ((a.shape(0) != B && !(rows && p == 0)) || a.shape(2) != H || a.shape(3) != d)
+        throw std::invalid_argument("keys and values must match the queries' (B, _, H, d)");
+      inputs.push_back(a);
+    }
+  }
+  if (rows) {
+    if (rows->ndim() != 1 || rows->shape(0) != B)
+      throw std::invalid_argument("rows must be a (B,) array, one row of the first parts per query row");
+    inputs.push_back(mx::astype(*rows, mx::int32, s));
+  }
+  for (const auto& a : keys) Lk += a.shape(1);
+  for (size_t p = 0; p < keys.size(); ++p)
+    if (values[p].shape(1) != keys[p].shape(1)) throw std::invalid_argument("each key part needs its values");
+  if (Lq > Lk) throw std::invalid_argument("more queries than keys");
+  return mx::array::make_arrays(
+      {{B, Lq, H, d}, {B, H, Lq, Lk}}, {mx::float32, mx::float32},
+      std::make_shared<Attention>(s, scale, static_cast<int>(keys.size()), rows.has_value()), inputs);
+}
+
+std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k, const mx::array& v,
+                                          const mx::array& probs, const mx::array& cotangent, float scale) {
+  auto s = mx::to_stream({});
+  std::vector<mx::array> inputs;
+  for (const auto* a : {&q, &k, &v, &cotangent}) {
+    check_input(*a, "attention_backward's arrays");
+    inputs.push_back(*a);
+  }
+  inputs.insert(inputs.begin() + 3, probs);
+  return mx::array::make_arrays({q.shape(), k.shape(), v.shape()}, {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<AttentionBackward>(s, scale), inputs);
+}
+
+}  // namespace
+
+NB_MODULE(_native_attention, m) {
+  m.def("attention", &attention, nb::arg("q"), nb::arg("keys"), nb::arg("values"), nb::arg("scale"),
+        nb::arg("rows") = nb::none());
+  m.def("attention_backward", &attention_backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("probs"),
+        nb::arg("cotangent"), nb::arg("scale"));
+}

@@ -1,0 +1,91 @@
+"""Attention over a few positions as native MLX primitives (``attention.cpp``), forward and backward.
+
+On this backend ``mx.fast.scaled_dot_product_attention`` is MLX's fallback: batched matmuls that are ``B x H``
+BLAS calls of a 4 x d by d x 4 product each, with the transposes into and out of the ``(B, H, L, d)`` layout,
+the scaling, the mask and the softmax as passes of their own. The primitives compute each (row, head) pair's
+dot products, softmax and weighted sum in one loop, on arrays in the ``(B, L, H, d)`` layout the projections
+give, with the keys and values of a prefix cache read in place beside the new ones.
+
+The extension is built once per machine (``compiler.build_library``, the same ``g++`` and flags as the other
+native code) against the installed MLX's headers and library and the nanobind it was built with, and imported
+once per process. Without a compiler or nanobind, or where it does not load, :func:`load_extension` gives
+None and the model keeps MLX's attention.
+"""
+import functools
+import importlib.util
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+from typing import Optional, Sequence
+
+import mlx.core as mx
+
+from training.speed.compiler import build_library
+
+SOURCE = Path(__file__).with_name("attention.cpp")
+MODULE = "_native_attention"  # the name NB_MODULE gives it in attention.cpp
+
+
+def build_options() -> Optional[tuple]:
+    """``(options, identity)`` for ``build_library``: nanobind's combined source and headers, MLX's headers and
+    library, Python's headers; None without nanobind."""
+    try:
+        import nanobind
+    except ImportError:
+        return None
+    mlx_root = Path(mx.__file__).parent  # .../site-packages/mlx (mlx.core is its extension module)
+    nb_root = Path(nanobind.include_dir()).parent
+    options = ("-std=c++20", "-fvisibility=hidden", "-fno-strict-aliasing",
+               "-DNB_DOMAIN=mlx",  # the domain MLX's bindings register mx.array in
+               f"-I{nanobind.include_dir()}", f"-I{nb_root / 'ext' / 'robin_map' / 'include'}",
+               f"-I{mlx_root / 'include'}", f"-I{sysconfig.get_paths()['include']}",
+               str(Path(nanobind.source_dir()) / "nb_combined.cpp"),
+               f"-L{mlx_root / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_root / 'lib'}")
+    return options, (mx.__version__, nanobind.__version__, sysconfig.get_config_var("EXT_SUFFIX") or "")
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension() -> Optional[ModuleType]:
+    """``attention.cpp`` built (once per machine) and imported (once per process), or None."""
+    options = build_options()
+    path = options and build_library(SOURCE, options=options[0], identity=options[1])
+    if not path:
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(MODULE, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        # A nanobind whose ABI differs from MLX's loads but does not know mx.array: try one call.
+        module.attention(mx.zeros((1, 1, 1, 1)), [mx.zeros((1, 1, 1, 1))], [mx.zeros((1, 1, 1, 1))], 1.0)
+    except (ImportError, OSError, TypeError):
+        return None
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _trainable(scale: float):
+    """One-part attention with its vector-Jacobian product, for ``scale``."""
+    native = load_extension()
+
+    @mx.custom_function
+    def attend(q, k, v):
+        return tuple(native.attention(q, [k], [v], scale))  # (output, probabilities)
+
+    @attend.vjp
+    def attend_vjp(primals, cotangents, outputs):
+        q, k, v = primals
+        return tuple(native.attention_backward(q, k, v, outputs[1], cotangents[0], scale))
+
+    return attend
+
+
+def attention(queries: mx.array, keys: Sequence[mx.array], values: Sequence[mx.array], scale: float,
+              rows: Optional[mx.array] = None) -> mx.array:
+    """Causal attention of ``queries`` ``(B, Lq, H, d)`` over the keys and values ``(B, Lk_i, H, d)``, given in
+    parts along the sequence (a prefix cache, then the new positions): query ``i`` sees the keys up to position
+    ``i + Lk - Lq``; ``rows`` ``(B,)``: row ``b`` of the first parts is their row ``rows[b]`` (read in place, not
+    gathered). The output is ``(B, Lq, H, d)``. Differentiable with one part and no ``rows``; needs
+    :func:`load_extension`."""
+    if len(keys) == 1 and rows is None:
+        return _trainable(float(scale))(queries, keys[0], values[0])[0]
+    return load_extension().attention(queries, list(keys), list(values), float(scale), rows)[0]
