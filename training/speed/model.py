@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import models
-from training.speed.attention import attention as native_attention, load_extension
+from training.speed.native import attention as native_attention, load_extension, silu_gate as native_silu_gate
 from training.speed.kernels import fast_sigmoid, gather_rows, permute_rows, rope, rope_order, rope_tables, silu_gate
 
 
@@ -97,13 +97,15 @@ def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = F
 
 class FastModel:
     """The forward pass of ``model`` with the tricks above; ``fused``: the fused SiLU-gate kernels;
-    ``fused_rope``: the fused rotary embedding; ``native_attention``: the native attention primitives, where
-    they build (all rather than MLX's)."""
+    ``fused_rope``: the fused rotary embedding; ``native_attention``, ``native_gate``: the native attention and
+    SiLU-gate primitives (``speed.native``), where they build (all rather than MLX's)."""
 
     def __init__(self, model: models.Transformer, cfg: models.ModelConfig, fused: bool = True,
-                 lookup_first_qkv: bool = True, fused_rope: bool = True, native_attention: bool = True):
+                 lookup_first_qkv: bool = True, fused_rope: bool = True, native_attention: bool = True,
+                 native_gate: bool = True):
         self.model = model
         self.native_attention = native_attention and load_extension() is not None
+        self.native_gate = native_gate and load_extension() is not None
         self.keep_prob = 1 - cfg.dropout  # dropout on the SiLU branch, as nn.Dropout(cfg.dropout)
         self.fused = fused
         self.fused_rope = fused_rope
@@ -120,6 +122,8 @@ class FastModel:
     def feed_forward(self, ff: models.FeedForward, x: mx.array, keep: Optional[mx.array]) -> mx.array:
         """``ff(x)`` with the dropout mask ``keep`` (None: no dropout)."""
         a, b = ff.w1(x), ff.w3(x)  # (..., mlp_dim)
+        if self.native_gate:
+            return ff.w2(native_silu_gate(a, b, keep, 1 / self.keep_prob))
         if not self.fused:
             h = nn.silu(a) if keep is None else (keep * nn.silu(a)) * (1 / self.keep_prob)  # as nn.Dropout
             return ff.w2(h * b)

@@ -1,6 +1,7 @@
-// Causal attention over a few positions as MLX primitives for the CPU backend: the forward pass and its
-// vector-Jacobian product, each one pass over the (row, head) pairs.
+// The speed layer's native MLX primitives for the CPU backend, each one pass over its arrays, with its
+// vector-Jacobian product as another: causal attention over a few positions, and the SiLU gate.
 //
+// Attention.
 // MLX's fallback for mx.fast.scaled_dot_product_attention on the CPU computes the scores and the output as
 // batched matmuls: for a (B, H, 4, d) query that is B x H BLAS calls of a 4 x d by d x 4 product each, plus
 // the transposes into and out of the (B, H, L, d) layout, the scaling, the mask and the softmax as separate
@@ -14,6 +15,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -331,11 +334,175 @@ std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k
                                 std::make_shared<AttentionBackward>(s, scale), inputs);
 }
 
+// The SiLU gate. MLX's CPU exp calls the C library's fmaf for every polynomial step, and its kernel fusion
+// splits kernels.fast_sigmoid (the same polynomial as plain multiply-adds) into three loops at its bit casts,
+// and the gate and its gradients into more. Here the forward pass is one loop and the backward pass another,
+// which recomputes the sigmoid rather than storing it. Every operation is kernels.fast_sigmoid's and
+// kernels.silu_gate's, in their order, in float32 (the build keeps a * b + c two roundings): the same bits.
+
+// A row-major copy of an array of any rank in `storage`, or its data itself when it is row-major already.
+template <typename T>
+const T* dense(const T* data, const mx::Shape& shape, const mx::Strides& strides, std::vector<T>& storage) {
+  int64_t size = 1;
+  bool row_major = true;
+  for (int axis = static_cast<int>(shape.size()) - 1; axis >= 0; --axis) {
+    row_major = row_major && (shape[axis] == 1 || strides[axis] == size);
+    size *= shape[axis];
+  }
+  if (row_major) return data;
+  storage.resize(size);
+  for (int64_t n = 0; n < size; ++n) {
+    int64_t rest = n, offset = 0;
+    for (int axis = static_cast<int>(shape.size()) - 1; axis >= 0; --axis) {
+      offset += (rest % shape[axis]) * strides[axis];
+      rest /= shape[axis];
+    }
+    storage[n] = data[offset];
+  }
+  return storage.data();
+}
+
+// An evaluated input read as row-major in the dispatched task (its strides are known in eval_cpu, its data
+// only in the task).
+template <typename T>
+struct Dense {
+  const T* data;
+  mx::Shape shape;
+  mx::Strides strides;
+  std::vector<T> storage;
+
+  explicit Dense(const mx::array& a) : data(a.data<T>()), shape(a.shape()), strides(a.strides()) {}
+  const T* get() { return dense(data, shape, strides, storage); }
+};
+
+// kernels.fast_sigmoid: 1 / (1 + 2**n 2**f), n = round(-x log2 e) by the 1.5 * 2**23 trick, 2**f by Cephes'
+// polynomial in Estrin's order.
+inline float fast_sigmoid(float x) {
+  constexpr float round = 12582912.0f;
+  constexpr uint32_t exponent = 127u - 0x4B400000u;
+  constexpr float c0 = 1.535336188319500e-4f, c1 = 1.339887440266574e-3f, c2 = 9.618437357674640e-3f,
+                  c3 = 5.550332471162809e-2f, c4 = 2.402264791363012e-1f, c5 = 6.931472028550421e-1f, c6 = 1.0f;
+  const float t = std::min(std::max(x * -1.4426950408889634f, -126.0f), 126.0f);
+  const float rounded = t + round;
+  uint32_t bits;
+  std::memcpy(&bits, &rounded, sizeof bits);
+  bits = (bits + exponent) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  const float f = t - (rounded - round), f2 = f * f;
+  const float two_f = ((c6 + c5 * f) + f2 * (c4 + c3 * f)) + (f2 * f2) * ((c2 + c1 * f) + f2 * c0);
+  return 1.0f / (1.0f + two_f * two_n);
+}
+
+void gate_forward(const float* __restrict a, const float* __restrict b, const uint8_t* __restrict keep, float scale,
+                  float* __restrict h, int64_t n) {
+  if (keep) {
+    for (int64_t e = 0; e < n; ++e) h[e] = (((a[e] * fast_sigmoid(a[e])) * float(keep[e])) * scale) * b[e];
+  } else {
+    for (int64_t e = 0; e < n; ++e) h[e] = (a[e] * fast_sigmoid(a[e])) * b[e];
+  }
+}
+
+// d silu(a) / da = s (1 + a (1 - s)).
+void gate_backward(const float* __restrict a, const float* __restrict b, const uint8_t* __restrict keep,
+                   const float* __restrict g, float scale, float* __restrict da, float* __restrict db, int64_t n) {
+  if (keep) {
+    for (int64_t e = 0; e < n; ++e) {
+      const float s = fast_sigmoid(a[e]), kept = (g[e] * float(keep[e])) * scale;
+      da[e] = (kept * b[e]) * (s * (1.0f + a[e] * (1.0f - s)));
+      db[e] = (kept * a[e]) * s;
+    }
+  } else {
+    for (int64_t e = 0; e < n; ++e) {
+      const float s = fast_sigmoid(a[e]);
+      da[e] = (g[e] * b[e]) * (s * (1.0f + a[e] * (1.0f - s)));
+      db[e] = (g[e] * a[e]) * s;
+    }
+  }
+}
+
+// Inputs: a, b, (masked) the boolean dropout mask, then (backward) the output's cotangent. Outputs: the gate
+// (a * sigmoid(a) * keep * scale * b), or (backward) the cotangents of a and b.
+class SiluGate : public mx::Primitive {
+ public:
+  SiluGate(mx::Stream stream, float scale, bool masked, bool backward)
+      : mx::Primitive(stream), scale_(scale), masked_(masked), backward_(backward) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    for (auto& o : outputs) encoder.set_output_array(o);
+    std::optional<Dense<uint8_t>> keep;  // MLX stores a bool in a byte
+    if (masked_) keep.emplace(inputs[2]);
+    std::optional<Dense<float>> g;
+    if (backward_) g.emplace(inputs.back());
+    encoder.dispatch([a = Dense<float>(inputs[0]), b = Dense<float>(inputs[1]), keep = std::move(keep),
+                      g = std::move(g), n = static_cast<int64_t>(inputs[0].size()),
+                      first = outputs[0].data<float>(), second = backward_ ? outputs[1].data<float>() : nullptr,
+                      scale = scale_]() mutable {
+      const uint8_t* mask = keep ? keep->get() : nullptr;
+      if (g)
+        gate_backward(a.get(), b.get(), mask, g->get(), scale, first, second, n);
+      else
+        gate_forward(a.get(), b.get(), mask, scale, first, n);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("this SiLU gate primitive runs on the CPU only");
+  }
+
+  const char* name() const override { return backward_ ? "SiluGateBackward" : "SiluGate"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const SiluGate&>(other);
+    return scale_ == o.scale_ && masked_ == o.masked_ && backward_ == o.backward_;
+  }
+
+ private:
+  float scale_;
+  bool masked_, backward_;
+};
+
+std::vector<mx::array> gate_inputs(const mx::array& a, const mx::array& b, const std::optional<mx::array>& keep,
+                                   const std::optional<mx::array>& cotangent) {
+  std::vector<mx::array> inputs = {a, b};
+  if (cotangent) inputs.push_back(*cotangent);
+  for (const auto& x : inputs)
+    if (x.dtype() != mx::float32) throw std::invalid_argument("the gate's a, b and cotangent must be float32");
+  if (keep) {
+    if (keep->dtype() != mx::bool_) throw std::invalid_argument("the gate's mask must be bool");
+    inputs.insert(inputs.begin() + 2, *keep);
+  }
+  for (const auto& x : inputs)
+    if (x.shape() != a.shape()) throw std::invalid_argument("the gate's arrays must all have the shape of a");
+  return inputs;
+}
+
+mx::array silu_gate(const mx::array& a, const mx::array& b, const std::optional<mx::array>& keep, float scale) {
+  auto s = mx::to_stream({});
+  return mx::array(a.shape(), mx::float32, std::make_shared<SiluGate>(s, scale, keep.has_value(), false),
+                   gate_inputs(a, b, keep, std::nullopt));
+}
+
+std::vector<mx::array> silu_gate_backward(const mx::array& a, const mx::array& b,
+                                          const std::optional<mx::array>& keep, const mx::array& cotangent,
+                                          float scale) {
+  auto s = mx::to_stream({});
+  return mx::array::make_arrays({a.shape(), a.shape()}, {mx::float32, mx::float32},
+                                std::make_shared<SiluGate>(s, scale, keep.has_value(), true),
+                                gate_inputs(a, b, keep, cotangent));
+}
+
 }  // namespace
 
-NB_MODULE(_native_attention, m) {
+NB_MODULE(_native, m) {
   m.def("attention", &attention, nb::arg("q"), nb::arg("keys"), nb::arg("values"), nb::arg("scale"),
         nb::arg("rows") = nb::none());
   m.def("attention_backward", &attention_backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("probs"),
+        nb::arg("cotangent"), nb::arg("scale"));
+  m.def("silu_gate", &silu_gate, nb::arg("a"), nb::arg("b"), nb::arg("keep").none(), nb::arg("scale"));
+  m.def("silu_gate_backward", &silu_gate_backward, nb::arg("a"), nb::arg("b"), nb::arg("keep").none(),
         nb::arg("cotangent"), nb::arg("scale"));
 }

@@ -1,4 +1,5 @@
-"""The native attention primitives (``training/speed/attention.cpp``) against MLX's
+"""The native primitives (``training/speed/native.cpp``). The SiLU gate: ``kernels.silu_gate``'s bits, forward and
+backward, masked and not, strided inputs, one-line errors. Attention, against MLX's
 ``scaled_dot_product_attention``: forward and vector-Jacobian product over head counts, lengths, head sizes that
 are and are not multiples of the kernel's lanes, strided inputs, key parts and prefix rows read in place;
 compiled as eager; the fast model and trainer with them as without; one-line errors; the fallback without
@@ -14,7 +15,7 @@ from mlx.utils import tree_flatten
 import data
 from config import Config, override
 from models import ModelConfig, Transformer
-from training.speed import attention as native
+from training.speed import kernels, native
 from training.speed.model import FastModel, attend
 from training.speed.trainer import FastTrainer
 
@@ -189,3 +190,55 @@ def test_without_nanobind_the_model_keeps_mlxs_attention(monkeypatch):
         assert rel_err(fast(tokens), model(tokens)) <= 1e-5
     finally:
         native.load_extension.cache_clear()
+
+
+# The SiLU gate: kernels.silu_gate's bits, forward and backward.
+
+def gate_inputs(shape, seed=0):
+    keys = mx.random.split(mx.random.key(seed), 4)
+    a = mx.random.normal(shape, key=keys[0]) * 8  # past the polynomial's clipped range too
+    return a, mx.random.normal(shape, key=keys[1]), mx.random.bernoulli(0.8, shape, key=keys[2]), \
+        mx.random.normal(shape, key=keys[3])
+
+
+def mlx_gate(a, b, keep, scale):
+    if keep is None:
+        return a * kernels.fast_sigmoid(a) * b
+    return kernels.silu_gate(a, b, keep, mx.array(scale))[0]
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 64), (5, 1, 37), (1,), (2, 3, 4, 5)])
+@pytest.mark.parametrize("masked", [True, False])
+def test_gate_forward_and_vjp_are_mlxs_fused_gates_bits(extension, shape, masked):
+    a, b, keep, g = gate_inputs(shape)
+    keep = keep if masked else None
+
+    def forward_and_grads(gate):
+        def loss(a, b):
+            return (gate(a, b, keep, 1.25) * g).sum()
+        return mx.compile(lambda a, b: (gate(a, b, keep, 1.25), *mx.grad(loss, argnums=(0, 1))(a, b)))(a, b)
+
+    ours, theirs = forward_and_grads(native.silu_gate), forward_and_grads(mlx_gate)
+    assert np.array_equal(ours[0], theirs[0])
+    if masked:  # the unmasked MLX gate differentiates fast_sigmoid's vjp: the same to rounding
+        assert all(np.array_equal(x, y) for x, y in zip(ours[1:], theirs[1:]))
+    assert all(rel_err(x, y) <= 1e-6 for x, y in zip(ours[1:], theirs[1:]))
+    silu = a * mx.sigmoid(a)
+    assert rel_err(ours[0], silu * b if keep is None else silu * keep * 1.25 * b) <= 1e-6
+
+
+def test_gate_reads_strided_inputs(extension):
+    a, b, keep, g = gate_inputs((6, 4, 8))
+    at, bt, kt = a.transpose(2, 0, 1), b.transpose(2, 0, 1), keep.transpose(2, 0, 1)
+    assert np.array_equal(native.silu_gate(at, bt, kt, 1.25), native.silu_gate(a, b, keep, 1.25).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.silu_gate(mx.zeros((2, 3)), mx.zeros((2, 4)), None, 1.0), "shape of a"),
+    (lambda e: e.silu_gate(mx.zeros((2, 3)), mx.zeros((2, 3), mx.float16), None, 1.0), "float32"),
+    (lambda e: e.silu_gate(mx.zeros((2, 3)), mx.zeros((2, 3)), mx.zeros((2, 3)), 1.0), "mask must be bool"),
+])
+def test_gate_bad_input_gets_a_one_line_error(extension, call, message):
+    with pytest.raises(ValueError) as error:
+        call(extension)
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -1,4 +1,4 @@
-"""Attention over a few positions as native MLX primitives (``attention.cpp``), forward and backward.
+"""Native MLX primitives (``native.cpp``), forward and backward: attention over a few positions, the SiLU gate.
 
 On this backend ``mx.fast.scaled_dot_product_attention`` is MLX's fallback: batched matmuls that are ``B x H``
 BLAS calls of a 4 x d by d x 4 product each, with the transposes into and out of the ``(B, H, L, d)`` layout,
@@ -22,8 +22,8 @@ import mlx.core as mx
 
 from training.speed.compiler import build_library
 
-SOURCE = Path(__file__).with_name("attention.cpp")
-MODULE = "_native_attention"  # the name NB_MODULE gives it in attention.cpp
+SOURCE = Path(__file__).with_name("native.cpp")
+MODULE = "_native"  # the name NB_MODULE gives it in native.cpp
 
 
 def build_options() -> Optional[tuple]:
@@ -46,7 +46,7 @@ def build_options() -> Optional[tuple]:
 
 @functools.lru_cache(maxsize=None)
 def load_extension() -> Optional[ModuleType]:
-    """``attention.cpp`` built (once per machine) and imported (once per process), or None."""
+    """``native.cpp`` built (once per machine) and imported (once per process), or None."""
     options = build_options()
     path = options and build_library(SOURCE, options=options[0], identity=options[1])
     if not path:
@@ -77,6 +77,32 @@ def _trainable(scale: float):
         return tuple(native.attention_backward(q, k, v, outputs[1], cotangents[0], scale))
 
     return attend
+
+
+@functools.lru_cache(maxsize=None)
+def _gate(scale: float, masked: bool):
+    """The SiLU gate with its vector-Jacobian product, for ``scale``, with or without a mask."""
+    native = load_extension()
+
+    @mx.custom_function
+    def gate(a, b, *keep):
+        return native.silu_gate(a, b, keep[0] if masked else None, scale)
+
+    @gate.vjp
+    def gate_vjp(primals, cotangent, output):
+        a, b, *keep = primals
+        da, db = native.silu_gate_backward(a, b, keep[0] if masked else None, cotangent, scale)
+        return (da, db, *(mx.zeros_like(k) for k in keep))
+
+    return gate
+
+
+def silu_gate(a: mx.array, b: mx.array, keep: Optional[mx.array] = None, scale: float = 1.0) -> mx.array:
+    """``kernels.silu_gate``'s first output (``silu(a) * keep * scale * b``; without ``keep``, ``silu(a) * b``),
+    the same bits, forward and backward, in one native pass each; needs :func:`load_extension`."""
+    if keep is None:
+        return _gate(1.0, False)(a, b)
+    return _gate(float(scale), True)(a, b, keep)
 
 
 def attention(queries: mx.array, keys: Sequence[mx.array], values: Sequence[mx.array], scale: float,
