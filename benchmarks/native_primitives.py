@@ -1,25 +1,26 @@
-"""What the native primitives save (``training/speed/native.cpp``: attention, the SiLU gate):
+"""What the native primitives save (``training/speed/native.cpp``: attention, the SiLU gate, RMSNorm):
 
-    python benchmarks/native_primitives.py [attention|gate|both] [--repeats 3] [--epochs 20] [--set KEY=VALUE ...]
+    python benchmarks/native_primitives.py [attention|gate|norm|all] [--repeats 3] [--epochs 20] [--set KEY=VALUE ...]
 
 Each measurement is a fresh process that trains the default run (``training.loop.train``, no files) for
-``--epochs`` epochs with MLX's computation of the chosen primitives (``both`` by default) or with the native one
+``--epochs`` epochs with MLX's computation of the chosen primitives (``all`` by default) or with the native one
 (the speed layer's default where it builds); the two kinds alternate ``--repeats`` times after one unmeasured
 epoch each. It prints the median ms per step and per evaluation of each and their ratios. The native gate gives
 MLX's fused gate's bits, so ``gate`` compares runs with the same metrics; the native attention sums its dot
-products in another order, so with it the metrics differ by float rounding. Each kind's runs should agree to
+products in another order and the native RMSNorm its sums, so with them the metrics differ by float rounding. Each kind's runs should agree to
 the last bit.
 """
 import sys
 
 from fresh_runs import compare, parse_args
 
-FLAGS = {"attention": ("native_attention",), "gate": ("native_gate",), "both": ("native_attention", "native_gate")}
+FLAGS = {"attention": ("native_attention",), "gate": ("native_gate",), "norm": ("native_norm",),
+         "all": ("native_attention", "native_gate", "native_norm")}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    which = argv.pop(0) if argv and argv[0] in FLAGS else "both"
+    which = argv.pop(0) if argv and argv[0] in FLAGS else "all"
     args, overrides = parse_args(__doc__, argv)
     off = ", ".join(f"{flag}=False" for flag in FLAGS[which])
     mlx = ("import training.speed.trainer as speed\nfast_model = speed.FastModel\n"

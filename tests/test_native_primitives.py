@@ -1,5 +1,6 @@
 """The native primitives (``training/speed/native.cpp``). The SiLU gate: ``kernels.silu_gate``'s bits, forward and
-backward, masked and not, strided inputs, one-line errors. Attention, against MLX's
+backward, masked and not, strided inputs, one-line errors. RMSNorm: ``mx.fast.rms_norm`` to float rounding, forward
+and backward, strided inputs, one-line errors. Attention, against MLX's
 ``scaled_dot_product_attention``: forward and vector-Jacobian product over head counts, lengths, head sizes that
 are and are not multiples of the kernel's lanes, strided inputs, key parts and prefix rows read in place;
 compiled as eager; the fast model and trainer with them as without; one-line errors; the fallback without
@@ -151,10 +152,12 @@ def model_and_tokens(dim=32, heads=2, depth=3, rows=16):
     return cfg, model, tokens
 
 
-def test_fast_model_with_native_attention_equals_it_without(extension):
+def test_fast_model_with_native_primitives_equals_it_without(extension):
     cfg, model, tokens = model_and_tokens()
-    with_native, without = FastModel(model, cfg), FastModel(model, cfg, native_attention=False)
-    assert with_native.native_attention and not without.native_attention
+    with_native = FastModel(model, cfg)
+    without = FastModel(model, cfg, native_attention=False, native_gate=False, native_norm=False)
+    assert with_native.native_attention and with_native.native_gate and with_native.native_norm
+    assert not (without.native_attention or without.native_gate or without.native_norm)
     assert rel_err(with_native(tokens), without(tokens)) <= 1e-5
     past_native, past_mlx = with_native.prefix_keys_values(tokens[:5, :2]), without.prefix_keys_values(tokens[:5, :2])
     rows = mx.array(np.arange(16) % 5)
@@ -162,7 +165,7 @@ def test_fast_model_with_native_attention_equals_it_without(extension):
                    without.logits_after(tokens[:, 2:], past_mlx, rows)) <= 1e-5
 
 
-def test_a_trainer_with_native_attention_follows_one_without(extension):
+def test_a_trainer_with_native_primitives_follows_one_without(extension):
     cfg = override(Config(), {"data.p": 11, "model.dim": 32, "model.heads": 2, "train.batch_size": 32})
     tokens, labels = data.modular_arithmetic(cfg.data)
     x, y = mx.array(tokens[:64]), mx.array(labels[:64])
@@ -170,8 +173,9 @@ def test_a_trainer_with_native_attention_follows_one_without(extension):
     for use in (True, False):
         mx.random.seed(0)
         trainer = FastTrainer(cfg)
-        assert trainer.fast.native_attention
-        trainer.fast.native_attention = use  # read when the step is first traced
+        for flag in ("native_attention", "native_gate", "native_norm"):
+            assert getattr(trainer.fast, flag)
+            setattr(trainer.fast, flag, use)  # read when the step is first traced
         for _ in range(3):
             trainer.step(x, y)
         mx.eval(trainer.model.parameters())
@@ -180,13 +184,13 @@ def test_a_trainer_with_native_attention_follows_one_without(extension):
         assert rel_err(value, params[False][name]) <= 1e-4, name
 
 
-def test_without_nanobind_the_model_keeps_mlxs_attention(monkeypatch):
+def test_without_nanobind_the_model_keeps_mlxs_computation(monkeypatch):
     monkeypatch.setattr(native, "build_options", lambda: None)
     native.load_extension.cache_clear()
     try:
         cfg, model, tokens = model_and_tokens()
         fast = FastModel(model, cfg)
-        assert not fast.native_attention
+        assert not (fast.native_attention or fast.native_gate or fast.native_norm)
         assert rel_err(fast(tokens), model(tokens)) <= 1e-5
     finally:
         native.load_extension.cache_clear()
@@ -239,6 +243,41 @@ def test_gate_reads_strided_inputs(extension):
     (lambda e: e.silu_gate(mx.zeros((2, 3)), mx.zeros((2, 3)), mx.zeros((2, 3)), 1.0), "mask must be bool"),
 ])
 def test_gate_bad_input_gets_a_one_line_error(extension, call, message):
+    with pytest.raises(ValueError) as error:
+        call(extension)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# RMSNorm: mx.fast.rms_norm to float rounding, forward and backward.
+
+@pytest.mark.parametrize("shape", [(7, 4, 128), (3, 1, 32), (5, 37), (2, 3, 4, 16), (1, 1)])
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+def test_rms_norm_and_its_vjp_equal_mlxs(extension, shape, eps):
+    keys = mx.random.split(mx.random.key(1), 3)
+    x, g = mx.random.normal(shape, key=keys[0]) * 3, mx.random.normal(shape, key=keys[1])
+    w = mx.random.normal(shape[-1:], key=keys[2])
+
+    def forward_and_grads(norm):
+        return mx.compile(mx.value_and_grad(lambda x, w: (norm(x, w, eps) * g).sum(), argnums=(0, 1)))(x, w)
+
+    (ours, (dx, dw)), (theirs, (tx, tw)) = forward_and_grads(native.rms_norm), forward_and_grads(mx.fast.rms_norm)
+    assert rel_err(native.rms_norm(x, w, eps), mx.fast.rms_norm(x, w, eps)) <= 1e-6
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * max(1.0, abs(theirs.item()))
+    assert rel_err(dx, tx) <= 2e-6 and rel_err(dw, tw) <= 2e-6
+
+
+def test_rms_norm_reads_strided_inputs(extension):
+    x, w = mx.random.normal((8, 6, 16), key=mx.random.key(2)), mx.random.normal((16,), key=mx.random.key(3))
+    xt = x.transpose(1, 0, 2)
+    assert np.array_equal(native.rms_norm(xt, w, 1e-5), native.rms_norm(x, w, 1e-5).transpose(1, 0, 2))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.rms_norm(mx.zeros((2, 3)), mx.zeros((4,)), 1e-5), "as long as x's last axis"),
+    (lambda e: e.rms_norm(mx.zeros((2, 3), mx.float16), mx.zeros((3,)), 1e-5), "float32"),
+    (lambda e: e.rms_norm_backward(mx.zeros((2, 3)), mx.zeros((3,)), mx.zeros((3, 3)), 1e-5), "shaped as x"),
+])
+def test_rms_norm_bad_input_gets_a_one_line_error(extension, call, message):
     with pytest.raises(ValueError) as error:
         call(extension)
     assert message in str(error.value) and "\n" not in str(error.value)

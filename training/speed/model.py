@@ -19,7 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import models
-from training.speed.native import attention as native_attention, load_extension, silu_gate as native_silu_gate
+from training.speed.native import attention as native_attention, load_extension
+from training.speed.native import rms_norm as native_rms_norm, silu_gate as native_silu_gate
 from training.speed.kernels import fast_sigmoid, gather_rows, permute_rows, rope, rope_order, rope_tables, silu_gate
 
 
@@ -97,13 +98,14 @@ def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = F
 
 class FastModel:
     """The forward pass of ``model`` with the tricks above; ``fused``: the fused SiLU-gate kernels;
-    ``fused_rope``: the fused rotary embedding; ``native_attention``, ``native_gate``: the native attention and
-    SiLU-gate primitives (``speed.native``), where they build (all rather than MLX's)."""
+    ``fused_rope``: the fused rotary embedding; ``native_attention``, ``native_gate``, ``native_norm``: the native
+    attention, SiLU-gate and RMSNorm primitives (``speed.native``), where they build (all rather than MLX's)."""
 
     def __init__(self, model: models.Transformer, cfg: models.ModelConfig, fused: bool = True,
                  lookup_first_qkv: bool = True, fused_rope: bool = True, native_attention: bool = True,
-                 native_gate: bool = True):
+                 native_gate: bool = True, native_norm: bool = True):
         self.model = model
+        self.native_norm = native_norm and load_extension() is not None
         self.native_attention = native_attention and load_extension() is not None
         self.native_gate = native_gate and load_extension() is not None
         self.keep_prob = 1 - cfg.dropout  # dropout on the SiLU branch, as nn.Dropout(cfg.dropout)
@@ -118,6 +120,10 @@ class FastModel:
     def tables_of(self, block: models.Block) -> Optional[tuple]:
         """The rotary embedding's tables of ``block`` (None: MLX's RoPE)."""
         return self.rope_tables[id(block)]
+
+    def norm(self, norm: nn.RMSNorm, x: mx.array) -> mx.array:
+        """``norm(x)``."""
+        return native_rms_norm(x, norm.weight, norm.eps) if self.native_norm else norm(x)
 
     def feed_forward(self, ff: models.FeedForward, x: mx.array, keep: Optional[mx.array]) -> mx.array:
         """``ff(x)`` with the dropout mask ``keep`` (None: no dropout)."""
@@ -136,10 +142,10 @@ class FastModel:
               past_rows: Optional[mx.array] = None) -> mx.array:
         """``block(x)``; ``qkv``: the attention's projections of ``attn_norm(x)``, already computed; ``past``,
         ``past_rows``: see :func:`attention`."""
-        h = attention(block.attn, block.attn_norm(x) if qkv is None else None, last_only, past, qkv=qkv,
+        h = attention(block.attn, self.norm(block.attn_norm, x) if qkv is None else None, last_only, past, qkv=qkv,
                       tables=self.tables_of(block), native=self.native_attention, past_rows=past_rows)
         x = (x[:, -1:] if last_only else x) + h
-        return x + self.feed_forward(block.ff, block.ff_norm(x), keep)
+        return x + self.feed_forward(block.ff, self.norm(block.ff_norm, x), keep)
 
     def __call__(self, tokens: mx.array, masks: Optional[list] = None) -> mx.array:
         """Logits ``(B, V)`` for the token after ``tokens`` ``(B, L)``, with the dropout ``masks`` from
@@ -151,14 +157,14 @@ class FastModel:
         for block, keep in zip(blocks[:-1], masks):
             x, qkv = self.block(block, x, keep=keep, qkv=qkv), None
         x = self.block(blocks[-1], x, last_only=True, keep=masks[-1])[:, 0]  # (B, D)
-        return self.model.out(self.model.norm(x))
+        return self.model.out(self.norm(self.model.norm, x))
 
     def first_qkv(self, tokens: mx.array) -> tuple:
         """The first block's ``wq, wk, wv`` of ``attn_norm(embedding(tokens))``, each ``(B, L, D)`` (queries and
         keys as :func:`query_key_projections` makes them), looked up per token; their gradient reaches the
         tables through ``gather_rows``."""
         block = self.model.blocks[0]
-        attn, table = block.attn, block.attn_norm(self.model.embedding.weight)  # (V, D)
+        attn, table = block.attn, self.norm(block.attn_norm, self.model.embedding.weight)  # (V, D)
         wq, wk = query_key_projections(attn, self.fused_rope)
         table = mx.concatenate([wq(table), wk(table), attn.wv(table)], axis=-1)  # (V, 3D)
         return tuple(mx.split(gather_rows(table, tokens), 3, axis=-1))
@@ -184,12 +190,12 @@ class FastModel:
         x = self.model.embedding(prefixes)
         cache = []
         for block in blocks:
-            h, kv = attention(block.attn, block.attn_norm(x), return_kv=True, tables=self.tables_of(block),
+            h, kv = attention(block.attn, self.norm(block.attn_norm, x), return_kv=True, tables=self.tables_of(block),
                               native=self.native_attention)
             cache.append(kv)
             if block is not blocks[-1]:
                 x = x + h
-                x = x + self.feed_forward(block.ff, block.ff_norm(x), None)
+                x = x + self.feed_forward(block.ff, self.norm(block.ff_norm, x), None)
         return cache
 
     def logits_after(self, tokens: mx.array, past: list, rows: Optional[mx.array] = None) -> mx.array:
@@ -202,4 +208,4 @@ class FastModel:
         for block, kv in zip(blocks[:-1], past):
             x, qkv = self.block(block, x, past=kv, qkv=qkv, past_rows=rows), None
         x = self.block(blocks[-1], x, last_only=True, past=past[-1], past_rows=rows)[:, 0]
-        return self.model.out(self.model.norm(x))
+        return self.model.out(self.norm(self.model.norm, x))

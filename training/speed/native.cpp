@@ -1,5 +1,5 @@
 // The speed layer's native MLX primitives for the CPU backend, each one pass over its arrays, with its
-// vector-Jacobian product as another: causal attention over a few positions, and the SiLU gate.
+// vector-Jacobian product as another: causal attention over a few positions, the SiLU gate, and RMSNorm.
 //
 // Attention.
 // MLX's fallback for mx.fast.scaled_dot_product_attention on the CPU computes the scores and the output as
@@ -495,6 +495,102 @@ std::vector<mx::array> silu_gate_backward(const mx::array& a, const mx::array& b
                                 gate_inputs(a, b, keep, cotangent));
 }
 
+// RMSNorm. MLX's fallback on the CPU is its definition as ops: a square, a mean (a reduction and a multiply),
+// an add and an rsqrt, two multiplies, and their derivatives, a dozen passes and graph nodes each way. Here each
+// row is one pass forward and one back (the backward recomputes the row's scale), with the weight's gradient
+// summed over the rows in order.
+
+// The row scale 1 / sqrt(mean(x^2) + eps).
+inline float row_scale(const float* __restrict x, int d, float eps) {
+  return 1.0f / std::sqrt(dot(x, x, d) * (1.0f / d) + eps);
+}
+
+void norm_forward(const float* __restrict x, const float* __restrict w, float eps, int64_t rows, int d,
+                  float* __restrict y) {
+  for (int64_t r = 0; r < rows; ++r, x += d, y += d) {
+    const float scale = row_scale(x, d, eps);
+    for (int t = 0; t < d; ++t) y[t] = (x[t] * scale) * w[t];
+  }
+}
+
+// With y = w x s, s = (mean(x^2) + eps)^(-1/2): dx = s (g w) - x s^3 mean(g w x), dw = sum over rows of g x s.
+void norm_backward(const float* __restrict x, const float* __restrict w, const float* __restrict g, float eps,
+                   int64_t rows, int d, float* __restrict dx, float* __restrict dw, float* __restrict gw) {
+  std::fill_n(dw, d, 0.0f);
+  for (int64_t r = 0; r < rows; ++r, x += d, g += d, dx += d) {
+    const float scale = row_scale(x, d, eps);
+    for (int t = 0; t < d; ++t) gw[t] = g[t] * w[t];
+    const float c = scale * scale * scale * (dot(gw, x, d) * (1.0f / d));
+    for (int t = 0; t < d; ++t) {
+      dx[t] = scale * gw[t] - c * x[t];
+      dw[t] += (g[t] * x[t]) * scale;
+    }
+  }
+}
+
+// Inputs: x (..., d), the weight (d,), then (backward) the output's cotangent. Outputs: the normalized x, or
+// (backward) the cotangents of x and of the weight.
+class RmsNorm : public mx::Primitive {
+ public:
+  RmsNorm(mx::Stream stream, float eps, bool backward) : mx::Primitive(stream), eps_(eps), backward_(backward) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    for (auto& o : outputs) encoder.set_output_array(o);
+    std::optional<Dense<float>> g;
+    if (backward_) g.emplace(inputs[2]);
+    const int d = inputs[0].shape(-1);
+    encoder.dispatch([x = Dense<float>(inputs[0]), w = Dense<float>(inputs[1]), g = std::move(g), d,
+                      rows = static_cast<int64_t>(inputs[0].size() / d), first = outputs[0].data<float>(),
+                      second = backward_ ? outputs[1].data<float>() : nullptr, eps = eps_]() mutable {
+      if (g) {
+        std::vector<float> gw(d);
+        norm_backward(x.get(), w.get(), g->get(), eps, rows, d, first, second, gw.data());
+      } else {
+        norm_forward(x.get(), w.get(), eps, rows, d, first);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("this RMSNorm primitive runs on the CPU only");
+  }
+
+  const char* name() const override { return backward_ ? "RmsNormBackward" : "RmsNorm"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const RmsNorm&>(other);
+    return eps_ == o.eps_ && backward_ == o.backward_;
+  }
+
+ private:
+  float eps_;
+  bool backward_;
+};
+
+void check_norm(const mx::array& x, const mx::array& w) {
+  if (x.dtype() != mx::float32 || w.dtype() != mx::float32)
+    throw std::invalid_argument("rms_norm's x and weight must be float32");
+  if (x.ndim() < 1 || w.ndim() != 1 || w.shape(0) != x.shape(-1))
+    throw std::invalid_argument("rms_norm's weight must be a vector as long as x's last axis");
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
+  check_norm(x, w);
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(mx::to_stream({}), eps, false), {x, w});
+}
+
+std::vector<mx::array> rms_norm_backward(const mx::array& x, const mx::array& w, const mx::array& cotangent,
+                                         float eps) {
+  check_norm(x, w);
+  if (cotangent.shape() != x.shape() || cotangent.dtype() != mx::float32)
+    throw std::invalid_argument("rms_norm_backward's cotangent must be float32 and shaped as x");
+  return mx::array::make_arrays({x.shape(), w.shape()}, {mx::float32, mx::float32},
+                                std::make_shared<RmsNorm>(mx::to_stream({}), eps, true), {x, w, cotangent});
+}
+
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -505,4 +601,7 @@ NB_MODULE(_native, m) {
   m.def("silu_gate", &silu_gate, nb::arg("a"), nb::arg("b"), nb::arg("keep").none(), nb::arg("scale"));
   m.def("silu_gate_backward", &silu_gate_backward, nb::arg("a"), nb::arg("b"), nb::arg("keep").none(),
         nb::arg("cotangent"), nb::arg("scale"));
+  m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"));
+  m.def("rms_norm_backward", &rms_norm_backward, nb::arg("x"), nb::arg("weight"), nb::arg("cotangent"),
+        nb::arg("eps"));
 }

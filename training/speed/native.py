@@ -1,4 +1,5 @@
-"""Native MLX primitives (``native.cpp``), forward and backward: attention over a few positions, the SiLU gate.
+"""Native MLX primitives (``native.cpp``), forward and backward: attention over a few positions, the SiLU gate,
+RMSNorm.
 
 On this backend ``mx.fast.scaled_dot_product_attention`` is MLX's fallback: batched matmuls that are ``B x H``
 BLAS calls of a 4 x d by d x 4 product each, with the transposes into and out of the ``(B, H, L, d)`` layout,
@@ -103,6 +104,29 @@ def silu_gate(a: mx.array, b: mx.array, keep: Optional[mx.array] = None, scale: 
     if keep is None:
         return _gate(1.0, False)(a, b)
     return _gate(float(scale), True)(a, b, keep)
+
+
+@functools.lru_cache(maxsize=None)
+def _norm(eps: float):
+    """RMSNorm with its vector-Jacobian product, for ``eps``."""
+    native = load_extension()
+
+    @mx.custom_function
+    def norm(x, weight):
+        return native.rms_norm(x, weight, eps)
+
+    @norm.vjp
+    def norm_vjp(primals, cotangent, output):
+        x, weight = primals
+        return tuple(native.rms_norm_backward(x, weight, cotangent, eps))
+
+    return norm
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """``mx.fast.rms_norm(x, weight, eps)`` to float rounding, in one native pass each way; needs
+    :func:`load_extension`."""
+    return _norm(float(eps))(x, weight)
 
 
 def attention(queries: mx.array, keys: Sequence[mx.array], values: Sequence[mx.array], scale: float,
