@@ -7,6 +7,8 @@ plain path (``tests/test_speed_paths.py``). The trainer is chosen once (``traini
     compiler.py  MLX's fused kernels built for this CPU (a g++ wrapper adding -march=native), and the
                  layer's own C++ built the same way
     masks.py     dropout masks drawn by native code (masks.cpp): mx.random.bernoulli's bits, faster
+    native.py    MLX primitives written here (native.cpp), forward and backward: attention over a few
+                 positions, the SiLU gate, RMSNorm
     model.py     FastModel: the forward pass with the last block pruned to the read-out position, the first
                  block's q/k/v looked up per token, one fused rotation, and prefixes shared across evaluation
                  rows

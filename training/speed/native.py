@@ -1,16 +1,21 @@
 """Native MLX primitives (``native.cpp``), forward and backward: attention over a few positions, the SiLU gate,
 RMSNorm.
 
-On this backend ``mx.fast.scaled_dot_product_attention`` is MLX's fallback: batched matmuls that are ``B x H``
-BLAS calls of a 4 x d by d x 4 product each, with the transposes into and out of the ``(B, H, L, d)`` layout,
-the scaling, the mask and the softmax as passes of their own. The primitives compute each (row, head) pair's
-dot products, softmax and weighted sum in one loop, on arrays in the ``(B, L, H, d)`` layout the projections
-give, with the keys and values of a prefix cache read in place beside the new ones.
+On this backend MLX computes each of these as many small passes and graph nodes, forward and backward:
+
+- attention (``mx.fast.scaled_dot_product_attention``'s fallback): batched matmuls that are ``B x H`` BLAS calls of
+  a 4 x d by d x 4 product each, with the transposes into and out of the ``(B, H, L, d)`` layout, the scaling, the
+  mask and the softmax as passes of their own. The primitives compute each (row, head) pair's dot products,
+  softmax and weighted sum in one loop, on arrays in the ``(B, L, H, d)`` layout the projections give, with the
+  keys and values of a prefix cache read in place beside the new ones;
+- the SiLU gate: ``kernels.silu_gate``'s operations, which MLX's fusion splits into five loops at the sigmoid's
+  bit casts, in one loop each way, giving the same bits;
+- RMSNorm (``mx.fast.rms_norm``'s fallback, its definition as ops): one pass per row each way.
 
 The extension is built once per machine (``compiler.build_library``, the same ``g++`` and flags as the other
 native code) against the installed MLX's headers and library and the nanobind it was built with, and imported
 once per process. Without a compiler or nanobind, or where it does not load, :func:`load_extension` gives
-None and the model keeps MLX's attention.
+None and the model keeps MLX's computation.
 """
 import functools
 import importlib.util
