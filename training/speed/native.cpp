@@ -1,12 +1,11 @@
 // The speed layer's native MLX primitives for the CPU backend, each one pass over its arrays, with its
 // vector-Jacobian product as another: causal attention over a few positions, the SiLU gate, and RMSNorm.
 //
-// Attention.
-// MLX's fallback for mx.fast.scaled_dot_product_attention on the CPU computes the scores and the output as
+// Attention. MLX's fallback for mx.fast.scaled_dot_product_attention on the CPU computes the scores and the output as
 // batched matmuls: for a (B, H, 4, d) query that is B x H BLAS calls of a 4 x d by d x 4 product each, plus
 // the transposes into and out of the (B, H, L, d) layout, the scaling, the mask and the softmax as separate
 // passes. Here each (row, head) pair is a few dot products of length d, done in registers, on arrays in the
-// (B, L, H, d) layout the projections produce (any strides, unit stride along d).
+// (B, L, H, d) layout the projections produce, with any strides (copied first where d's is not 1).
 //
 // Query i of Lq attends to key j of Lk when j <= i + Lk - Lq: the causal mask when Lq == Lk, every key for a
 // read-out position (Lq == 1), and the keys of a prefix cache followed by the new ones. The keys and values
