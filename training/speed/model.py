@@ -51,7 +51,7 @@ def rotate(attn: models.Attention, t: mx.array, start: int, tables: Optional[tup
 def attend(queries: mx.array, keys: list, values: list, scale: float, native: bool,
            rows: Optional[mx.array] = None) -> mx.array:
     """Causal attention of ``queries`` ``(B, Lq, H, d)`` over keys and values ``(B, Lk_i, H, d)`` in parts along
-    the sequence, query ``i`` seeing the keys up to ``i + Lk - Lq`` (see ``speed.attention``, also for ``rows``);
+    the sequence, query ``i`` seeing the keys up to ``i + Lk - Lq`` (see ``speed.native.attention``, also for ``rows``);
     ``native``: by the native primitives, else by MLX's ``scaled_dot_product_attention``."""
     if native:
         return native_attention(queries, keys, values, scale, rows)
@@ -99,15 +99,16 @@ def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = F
 class FastModel:
     """The forward pass of ``model`` with the tricks above; ``fused``: the fused SiLU-gate kernels;
     ``fused_rope``: the fused rotary embedding; ``native_attention``, ``native_gate``, ``native_norm``: the native
-    attention, SiLU-gate and RMSNorm primitives (``speed.native``), where they build (all rather than MLX's)."""
+    attention, SiLU-gate (with ``fused``) and RMSNorm primitives (``speed.native``), where they build (all rather
+    than MLX's)."""
 
     def __init__(self, model: models.Transformer, cfg: models.ModelConfig, fused: bool = True,
                  lookup_first_qkv: bool = True, fused_rope: bool = True, native_attention: bool = True,
                  native_gate: bool = True, native_norm: bool = True):
         self.model = model
-        self.native_norm = native_norm and load_extension() is not None
-        self.native_attention = native_attention and load_extension() is not None
-        self.native_gate = native_gate and load_extension() is not None
+        built = load_extension() is not None
+        self.native_attention, self.native_norm = native_attention and built, native_norm and built
+        self.native_gate = native_gate and fused and built  # the fused gate, in native code
         self.keep_prob = 1 - cfg.dropout  # dropout on the SiLU branch, as nn.Dropout(cfg.dropout)
         self.fused = fused
         self.fused_rope = fused_rope

@@ -163,19 +163,38 @@ void check_input(const mx::array& a, const char* what) {
     throw std::invalid_argument(std::string(what) + " must be a float32 (B, L, H, d) array");
 }
 
+// The base of the primitives here: they run on the CPU only; `encoder` allocates the outputs and gives the
+// stream's command encoder with the inputs and outputs registered.
+class CpuPrimitive : public mx::Primitive {
+ public:
+  using mx::Primitive::Primitive;
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU only");
+  }
+
+ protected:
+  mx::cpu::CommandEncoder& encoder(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    for (auto& o : outputs) encoder.set_output_array(o);
+    return encoder;
+  }
+};
+
 // The forward pass. Inputs: q, then the key parts, then the value parts, then (`indexed`) the int32 rows (B,)
 // of the first parts that each row of q reads. Outputs: the attention output (B, Lq, H, d) and the
 // probabilities (B, H, Lq, Lk), which the backward pass reuses.
-class Attention : public mx::Primitive {
+class Attention : public CpuPrimitive {
  public:
   Attention(mx::Stream stream, float scale, int parts, bool indexed)
-      : mx::Primitive(stream), scale_(scale), parts_(parts), indexed_(indexed) {}
+      : CpuPrimitive(stream), scale_(scale), parts_(parts), indexed_(indexed) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = this->encoder(inputs, outputs);
     mx::array& out = outputs[0];
     mx::array& probs = outputs[1];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    probs.set_data(mx::allocator::malloc(probs.nbytes()));
     const mx::array& q = inputs[0];
     std::vector<View> keys, values;
     for (int p = 0; p < parts_; ++p) {
@@ -186,10 +205,6 @@ class Attention : public mx::Primitive {
       keys[0].rows = values[0].rows = inputs.back().data<int32_t>();
       keys[0].rows_stride = values[0].rows_stride = inputs.back().strides()[0];
     }
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
-    encoder.set_output_array(probs);
     encoder.dispatch([q = view_of(q), keys = std::move(keys), values = std::move(values), B = q.shape(0),
                       H = q.shape(2), d = static_cast<int>(q.shape(3)), out = out.data<float>(),
                       probs = probs.data<float>(), scale = scale_]() mutable {
@@ -214,10 +229,6 @@ class Attention : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("this attention primitive runs on the CPU only");
-  }
-
   const char* name() const override { return "FewPositionAttention"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
@@ -233,15 +244,12 @@ class Attention : public mx::Primitive {
 
 // The vector-Jacobian product of one-part attention. Inputs: q, k, v, the forward probabilities and the
 // output's cotangent. Outputs: the cotangents of q, k and v, each (B, L, H, d).
-class AttentionBackward : public mx::Primitive {
+class AttentionBackward : public CpuPrimitive {
  public:
-  AttentionBackward(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+  AttentionBackward(mx::Stream stream, float scale) : CpuPrimitive(stream), scale_(scale) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) encoder.set_input_array(a);
-    for (auto& o : outputs) encoder.set_output_array(o);
+    auto& encoder = this->encoder(inputs, outputs);
     const mx::array& q = inputs[0];
     encoder.dispatch([q = view_of(q), k = view_of(inputs[1]), v = view_of(inputs[2]),
                       p = view_of(inputs[3]), g = view_of(inputs[4]), B = q.shape(0), H = q.shape(2),
@@ -271,10 +279,6 @@ class AttentionBackward : public mx::Primitive {
         }
       }
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("this attention primitive runs on the CPU only");
   }
 
   const char* name() const override { return "FewPositionAttentionBackward"; }
@@ -422,16 +426,13 @@ void gate_backward(const float* __restrict a, const float* __restrict b, const u
 
 // Inputs: a, b, (masked) the boolean dropout mask, then (backward) the output's cotangent. Outputs: the gate
 // (a * sigmoid(a) * keep * scale * b), or (backward) the cotangents of a and b.
-class SiluGate : public mx::Primitive {
+class SiluGate : public CpuPrimitive {
  public:
   SiluGate(mx::Stream stream, float scale, bool masked, bool backward)
-      : mx::Primitive(stream), scale_(scale), masked_(masked), backward_(backward) {}
+      : CpuPrimitive(stream), scale_(scale), masked_(masked), backward_(backward) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) encoder.set_input_array(a);
-    for (auto& o : outputs) encoder.set_output_array(o);
+    auto& encoder = this->encoder(inputs, outputs);
     std::optional<Dense<uint8_t>> keep;  // MLX stores a bool in a byte
     if (masked_) keep.emplace(inputs[2]);
     std::optional<Dense<float>> g;
@@ -446,10 +447,6 @@ class SiluGate : public mx::Primitive {
       else
         gate_forward(a.get(), b.get(), mask, scale, first, n);
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("this SiLU gate primitive runs on the CPU only");
   }
 
   const char* name() const override { return backward_ ? "SiluGateBackward" : "SiluGate"; }
@@ -529,15 +526,12 @@ void norm_backward(const float* __restrict x, const float* __restrict w, const f
 
 // Inputs: x (..., d), the weight (d,), then (backward) the output's cotangent. Outputs: the normalized x, or
 // (backward) the cotangents of x and of the weight.
-class RmsNorm : public mx::Primitive {
+class RmsNorm : public CpuPrimitive {
  public:
-  RmsNorm(mx::Stream stream, float eps, bool backward) : mx::Primitive(stream), eps_(eps), backward_(backward) {}
+  RmsNorm(mx::Stream stream, float eps, bool backward) : CpuPrimitive(stream), eps_(eps), backward_(backward) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) encoder.set_input_array(a);
-    for (auto& o : outputs) encoder.set_output_array(o);
+    auto& encoder = this->encoder(inputs, outputs);
     std::optional<Dense<float>> g;
     if (backward_) g.emplace(inputs[2]);
     const int d = inputs[0].shape(-1);
@@ -551,10 +545,6 @@ class RmsNorm : public mx::Primitive {
         norm_forward(x.get(), w.get(), eps, rows, d, first);
       }
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("this RMSNorm primitive runs on the CPU only");
   }
 
   const char* name() const override { return backward_ ? "RmsNormBackward" : "RmsNorm"; }

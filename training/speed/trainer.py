@@ -206,7 +206,8 @@ class FastTrainer(Trainer):
     def evaluation_plan(self, x: np.ndarray):
         """``(P, prefixes, inverse)`` of ``shared_prefixes`` as arrays, or None."""
         plan = shared_prefixes(x)
-        return None if plan is None else (plan[0], mx.array(plan[1]), mx.array(plan[2]))
+        # int32 rows: what the native attention reads (no conversion per block and chunk)
+        return None if plan is None else (plan[0], mx.array(plan[1]), mx.array(plan[2], mx.int32))
 
     def evaluator(self, x, y):
         """Each part of the rows (see ``parts``) in chunks of at most ``EVAL_CHUNK`` rows on its own stream;
