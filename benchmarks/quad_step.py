@@ -6,7 +6,8 @@
     they are and with one BLAS thread (how the Linux-CPU trainer runs); QUAD also with its
     parameter groups spread over two CPU streams (``QUAD(streams=...)``);
 (b) the real train step, ``Trainer.step`` (forward, backward, update) as ``training.loop.train`` runs
-    it (QUAD's groups spread over the trainer's two streams), and QUAD on the default stream.
+    it (QUAD's groups spread over the trainer's two streams, its preconditioner fitted by the speed layer's
+    native primitive), QUAD on the default stream, and QUAD with the plain fit.
 
 Variants are timed in alternating rounds of ``--steps`` steps, so that load from other processes
 hits them alike; it prints milliseconds per step (minimum and median over the rounds) and the ratio
@@ -29,6 +30,7 @@ from mlx.utils import tree_map  # noqa: E402
 import models  # noqa: E402
 from config import Config, override  # noqa: E402
 from optimizers import OptimConfig, build_optimizer  # noqa: E402
+from optimizers.quad import quad_iteration  # noqa: E402
 from training.loop import build_trainer  # noqa: E402
 from training.speed.trainer import blas_threads  # noqa: E402
 
@@ -56,12 +58,15 @@ def update_only(name: str, streams: int = 0):
     return run
 
 
-def train_step(name: str, streams: bool = True):
+def train_step(name: str, streams: bool = True, native_fit: bool = True):
     """One ``Trainer.step`` on a fixed random batch; QUAD on the trainer's streams (as ``train`` runs it)
-    or, if not ``streams``, on the default stream."""
+    or, if not ``streams``, on the default stream; with the speed layer's native preconditioner fit (as
+    ``train`` runs it) or, if not ``native_fit``, the plain one."""
     trainer = build_trainer(override(Config(), {"optim.name": name}))
     if not streams and hasattr(trainer.optimizer, "streams"):
         trainer.optimizer.streams = None
+    if not native_fit and hasattr(trainer.optimizer, "quad_iteration"):
+        trainer.optimizer.quad_iteration = quad_iteration
     x = mx.random.randint(0, VOCAB, (BATCH, SEQ))
     y = mx.random.randint(0, VOCAB, (BATCH,))
 
@@ -95,6 +100,7 @@ def main_():
         runs = {"adamw": train_step("adamw"), "quad": train_step("quad")}
         if fast:
             runs["quad, on the default stream"] = train_step("quad", streams=False)
+            runs["quad, plain fit"] = train_step("quad", native_fit=False)
         report(f"(b) train step ({'two streams, one BLAS thread each' if fast else 'one stream'})",
                alternate_rounds(runs, args.steps, args.repeats))
     print(f"load average {os.getloadavg()[0]:.2f}")

@@ -285,6 +285,10 @@ class QUAD(Optimizer):
             runs), else the streams compete for the BLAS threads. Also settable later as the
             ``streams`` attribute, before the step is traced. Default: ``None`` (the default
             stream).
+        quad_iteration (callable, optional): The preconditioner fit, :func:`quad_iteration` or a
+            function with its arguments and results (the speed layer's native one). Also settable
+            later as the ``quad_iteration`` attribute, before the step is traced. Default:
+            :func:`quad_iteration`.
     """
 
     def __init__(
@@ -303,6 +307,7 @@ class QUAD(Optimizer):
         update_scale: float = 1 / 3,
         eps: float = 1e-6,
         streams: Optional[Sequence[mx.Stream]] = None,
+        quad_iteration: Callable = quad_iteration,
     ):
         # Compared as a Python float: a float64 array would be compared on the default device, which
         # may be a GPU (no float64 there).
@@ -334,6 +339,7 @@ class QUAD(Optimizer):
         self.update_scale = update_scale
         self.eps = eps
         self.streams = streams
+        self.quad_iteration = quad_iteration
         # Present until the first update; its presence (not its value) selects the traced graph.
         self.state["startup"] = mx.array(True)
         self._groups = ParameterGroups(self._layout)
@@ -492,10 +498,10 @@ class QUAD(Optimizer):
             Q = [q * per_tensor(sigma, q.ndim) for q, sigma in zip(Q_prev, scales)]
             L = L_prev
             for _ in range(self.startup_iterations - 1):
-                _, Q, L = quad_iteration(Q, L, M, gate=repeat_to_slices(first & active), **fit)
-            Pg, Q, L = quad_iteration(Q, L, M, gate=gate, **fit)
+                _, Q, L = self.quad_iteration(Q, L, M, gate=repeat_to_slices(first & active), **fit)
+            Pg, Q, L = self.quad_iteration(Q, L, M, gate=gate, **fit)
         else:  # each later step: the scales ride on Pg and on the factor updates, not on a pass over Q
             squares = mx.square(scales[0] * scales[1] if len(scales) == 2 else scales[0])
-            Pg, Q, L = quad_iteration(Q_prev, L_prev, M, scales=scales, gate=gate, scale_pg=squares, **fit)
+            Pg, Q, L = self.quad_iteration(Q_prev, L_prev, M, scales=scales, gate=gate, scale_pg=squares, **fit)
         state.update(step=count, m=M, Q=Q, L=L)
         return Pg, active

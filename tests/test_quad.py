@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from optimizers import OptimConfig, build_optimizer
 from optimizers.quad import QUAD, balance_ratio, lower_bound_norm, update_dense_side
 from optimizers.quad_groups import factor_layout, merge_dims_to_three, permutation
+from training.speed import quad_fit
 
 REFERENCE = np.load(Path(__file__).parent / "data" / "quad_reference.npz")
 TOLERANCES = json.loads(str(REFERENCE["tolerances_json"]))
@@ -70,11 +71,16 @@ def test_gradient_recipe_is_the_references():
         np.testing.assert_array_equal(g, REFERENCE[f"grad__s{k:02d}__g2"])
 
 
-def replay(dtype):
-    """Run QUAD on the 17 reference tensors for 300 steps; return parameter and state snapshots."""
+def replay(dtype, fit="plain"):
+    """Run QUAD on the 17 reference tensors for 300 steps, its preconditioner fitted by ``quad_iteration`` or
+    (``fit="native"``) the speed layer's native primitive; return parameter and state snapshots."""
     # A float64 learning rate: as a Python float it would be stored as float32 (0.003000000026).
     lr = mx.array(3e-3, dtype=mx.float64) if dtype == mx.float64 else 3e-3
     optimizer = QUAD(learning_rate=lr, **GROKKING)
+    if fit == "native":
+        if quad_fit.load_extension() is None:
+            pytest.skip("the native fit does not build here (no g++, nanobind or CBLAS)")
+        optimizer.quad_iteration = quad_fit.quad_iteration
     names = [f"s{k:02d}" for k in range(len(SHAPES))]
     structures = [gradient_structure(k, s) for k, s in enumerate(SHAPES)]
     params = {n: mx.array(initial_parameter(k, s).astype(np.float64), dtype=dtype)
@@ -105,6 +111,16 @@ def replay32():
     return replay(mx.float32)
 
 
+@pytest.fixture(scope="module")
+def replay64_native():
+    return replay(mx.float64, "native")
+
+
+@pytest.fixture(scope="module")
+def replay32_native():
+    return replay(mx.float32, "native")
+
+
 def parity_errors(snapshots, precision):
     """``{(k, t): rel_dp}`` against every stored reference snapshot, and the limits (None: finite only)."""
     errors, limits = {}, {}
@@ -122,9 +138,12 @@ def parity_errors(snapshots, precision):
     return errors, limits
 
 
+@pytest.mark.parametrize("fit", ["plain", "native"])
 @pytest.mark.parametrize("precision", ["float64", "float32"])
-def test_parameters_match_the_reference(precision, request):
-    snapshots = request.getfixturevalue("replay64" if precision == "float64" else "replay32")
+def test_parameters_match_the_reference(precision, fit, request):
+    """The same limits for the plain fit and the speed layer's native one (``training/speed/quad_fit.cpp``)."""
+    snapshots = request.getfixturevalue(("replay64" if precision == "float64" else "replay32")
+                                        + ("_native" if fit == "native" else ""))
     errors, limits = parity_errors(snapshots, precision)
     assert len(errors) == 16 * 4 + 1
     failures = {key: (err, limits[key]) for key, err in errors.items()

@@ -9,6 +9,7 @@ plain path (``tests/test_speed_paths.py``). The trainer is chosen once (``traini
     masks.py     dropout masks drawn by native code (masks.cpp): mx.random.bernoulli's bits, faster
     native.py    MLX primitives written here (native.cpp), forward and backward: attention over a few
                  positions, the SiLU gate, RMSNorm
+    quad_fit.py  QUAD's preconditioner fit as one native primitive per parameter group (quad_fit.cpp)
     model.py     FastModel: the forward pass with the last block pruned to the read-out position, the first
                  block's q/k/v looked up per token, one fused rotation, and prefixes shared across evaluation
                  rows

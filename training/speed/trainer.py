@@ -11,7 +11,8 @@ There MLX runs each stream's elementwise work on one thread, so:
 - glibc keeps freed memory for reuse (``keep_freed_memory``);
 - subnormal floats are flushed to zero on x86-64 (``flush_subnormals``), which only changes values below
   1.2e-38 and keeps late, weight-decay-free training from slowing down severalfold;
-- MLX's fused kernels are built for this CPU (``compiler.build_kernels_for_this_cpu``).
+- MLX's fused kernels are built for this CPU (``compiler.build_kernels_for_this_cpu``);
+- QUAD fits its preconditioner with the native primitive of ``quad_fit`` where it builds.
 """
 import contextlib
 import ctypes
@@ -30,6 +31,7 @@ from config import Config
 from training.speed.compiler import build_kernels_for_this_cpu
 from training.speed.masks import NativeMasks
 from training.speed.model import FastModel
+from training.speed.quad_fit import load_extension as load_quad_fit, quad_iteration as native_quad_iteration
 from training.trainer import EVAL_CHUNK, Trainer, loss_and_correct
 
 
@@ -105,9 +107,10 @@ class FastTrainer(Trainer):
     """The Trainer's interface; the model's parameters run through ``FastModel``."""
 
     def __init__(self, cfg: Config, optimizer: Optional[optim.Optimizer] = None, streams: int = 2,
-                 native_masks: bool = True):
+                 native_masks: bool = True, native_quad: bool = True):
         """``streams``: how many CPU streams a batch and an evaluation are split over (1: no split);
-        ``native_masks``: draw the dropout masks with ``NativeMasks`` where it builds (else with MLX)."""
+        ``native_masks``: draw the dropout masks with ``NativeMasks`` where it builds (else with MLX);
+        ``native_quad``: QUAD's preconditioner fits by ``quad_fit``'s primitive where it builds."""
         build_kernels_for_this_cpu()  # before the first fused kernel is built
         super().__init__(cfg, optimizer)
         model, optimizer = self.model, self.optimizer
@@ -119,6 +122,8 @@ class FastTrainer(Trainer):
         keep_freed_memory()
         if hasattr(optimizer, "streams"):  # QUAD: spread its parameter groups over the same streams
             optimizer.streams = self.streams
+        if native_quad and hasattr(optimizer, "quad_iteration") and load_quad_fit() is not None:
+            optimizer.quad_iteration = native_quad_iteration
 
         def scaled_loss(model, x, y, masks, scale):
             loss, correct = loss_and_correct(fast(x, masks), y)
