@@ -4,14 +4,19 @@
 
 (a) the compiled optimizer update alone on the model's parameter tree, with the BLAS threads as
     they are and with one BLAS thread (how the Linux-CPU trainer runs); QUAD also with its
-    parameter groups spread over two CPU streams (``QUAD(streams=...)``);
+    parameter groups spread over two CPU streams (``QUAD(streams=...)``), and with the speed layer's
+    native preconditioner fit (``training.speed.quad_fit``);
 (b) the real train step, ``Trainer.step`` (forward, backward, update) as ``training.loop.train`` runs
     it (QUAD's groups spread over the trainer's two streams, its preconditioner fitted by the speed layer's
-    native primitive), QUAD on the default stream, and QUAD with the plain fit.
+    native primitive), QUAD on the default stream, and QUAD with the plain fit;
+(c) ``Trainer.steps`` over ``--steps`` batches, as ``training.loop.train`` runs an epoch: each step's evaluation
+    started asynchronously and the next step built meanwhile;
+(d) printed after (a): the native fit of the dense 128 x 128 group alone, 8 tensors on one stream, 4 on one, and
+    4 + 4 on two streams at once (one BLAS thread each): how far two cores speed up BLAS-bound work.
 
 Variants are timed in alternating rounds of ``--steps`` steps, so that load from other processes
 hits them alike; it prints milliseconds per step (minimum and median over the rounds) and the ratio
-of the minima to AdamW's. The load average is printed before and after.
+of the minima to the first variant's (AdamW's). The load average is printed before and after.
 """
 import sys
 from pathlib import Path
@@ -22,6 +27,7 @@ import fastblas  # noqa: E402,F401  (before mlx: loads an optimized BLAS on Linu
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402
+from typing import Sequence  # noqa: E402
 
 import training.speed  # noqa: E402  (before the first evaluation: sets MLX's evaluation order)
 import mlx.core as mx  # noqa: E402
@@ -32,6 +38,7 @@ from config import Config, override  # noqa: E402
 from optimizers import OptimConfig, build_optimizer  # noqa: E402
 from optimizers.quad import quad_iteration  # noqa: E402
 from training.loop import build_trainer  # noqa: E402
+from training.speed import quad_fit  # noqa: E402
 from training.speed.trainer import blas_threads  # noqa: E402
 
 from rounds import alternate_rounds  # noqa: E402
@@ -39,14 +46,17 @@ from rounds import alternate_rounds  # noqa: E402
 VOCAB, SEQ, BATCH = 99, 4, 512  # the grokking defaults: p = 97 plus two tokens, [a, op, b, =]
 
 
-def update_only(name: str, streams: int = 0):
-    """One compiled ``apply_gradients`` on the model's parameter tree (fixed random gradients)."""
+def update_only(name: str, streams: int = 0, native_fit: bool = False):
+    """One compiled ``apply_gradients`` on the model's parameter tree (fixed random gradients); QUAD's
+    preconditioner fitted by the plain ``quad_iteration`` or (``native_fit``) the speed layer's primitive."""
     mx.random.seed(0)
     params = models.Transformer(models.ModelConfig(), VOCAB).trainable_parameters()
     grads = tree_map(lambda p: 1e-2 * mx.random.normal(p.shape), params)
     optimizer = build_optimizer(OptimConfig(name=name))
     if streams:
         optimizer.streams = [mx.new_stream(mx.cpu) for _ in range(streams)]
+    if native_fit:
+        optimizer.quad_iteration = quad_fit.quad_iteration
     optimizer.init(params)
     state = [optimizer.state]
     step = mx.compile(lambda g, p: optimizer.apply_gradients(g, p), inputs=state, outputs=state)
@@ -76,8 +86,44 @@ def train_step(name: str, streams: bool = True, native_fit: bool = True):
     return run
 
 
+def train_epoch(name: str, batches: int, native_fit: bool = True):
+    """``Trainer.steps`` over ``batches`` batches of a fixed random data set, as ``training.loop.train`` runs an
+    epoch (each step's evaluation started asynchronously, the next step built meanwhile), evaluated at the end."""
+    trainer = build_trainer(override(Config(), {"optim.name": name}))
+    if not native_fit and hasattr(trainer.optimizer, "quad_iteration"):
+        trainer.optimizer.quad_iteration = quad_iteration
+    x = mx.random.randint(0, VOCAB, (batches * BATCH, SEQ))
+    y = mx.random.randint(0, VOCAB, (batches * BATCH,))
+    order = mx.arange(batches * BATCH)
+
+    def run():
+        mx.eval(trainer.steps(x, y, order, BATCH), trainer.state)
+    return run
+
+
+def dense_fits(slices: Sequence[int]):
+    """The native fit of stacks of the model's 128 x 128 dense-dense group (8 tensors), ``slices[i]`` of them on
+    CPU stream ``i``, concurrently: how the two cores share BLAS-bound work."""
+    streams = [mx.new_stream(mx.cpu) for _ in slices]
+    eye = mx.eye(128)
+    work = []
+    for k in slices:
+        G = 1e-2 * mx.random.normal((k, 128, 128))
+        Q = [eye * mx.ones((k, 1, 1)) + 1e-3 * (G + G.swapaxes(-1, -2))] * 2
+        L, ones = [mx.ones((k, 1, 1))] * 2, mx.ones((k,))
+        work.append((G, Q, L, dict(scales=(ones, ones), gate=mx.ones((k,), mx.bool_), scale_pg=ones)))
+
+    def run():
+        outputs = []
+        for stream, (G, Q, L, options) in zip(streams, work):
+            with mx.stream(stream):
+                outputs.append(quad_fit.quad_iteration(Q, L, G, (False, False), 1.0, 0.95, numel=G.size, **options))
+        mx.eval(outputs)
+    return run
+
+
 def report(title: str, ms: dict):
-    base = ms["adamw"][0]
+    base = next(iter(ms.values()))[0]  # the first variant's
     print(title)
     for label, (low, median) in ms.items():
         print(f"  {label:28s} {low:7.2f} / {median:7.2f} ms   ratio {low / base:.3f}")
@@ -91,10 +137,17 @@ def main_():
     print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, load average {os.getloadavg()[0]:.2f}")
     report("(a) optimizer update, BLAS threads as set (min / median)",
            alternate_rounds({"adamw": update_only("adamw"), "quad": update_only("quad")}, args.steps, args.repeats))
+    native = quad_fit.load_extension() is not None
     with blas_threads(1):
-        report("(a) optimizer update, one BLAS thread",
-               alternate_rounds({"adamw": update_only("adamw"), "quad": update_only("quad"),
-                        "quad, 2 streams": update_only("quad", streams=2)}, args.steps, args.repeats))
+        runs = {"adamw": update_only("adamw"), "quad": update_only("quad"), "quad, 2 streams": update_only("quad", 2)}
+        if native:
+            runs["quad, native fit"] = update_only("quad", native_fit=True)
+            runs["quad, 2 streams, native fit"] = update_only("quad", 2, native_fit=True)
+        report("(a) optimizer update, one BLAS thread", alternate_rounds(runs, args.steps, args.repeats))
+        if native:
+            report("(d) the native fit of the 128 x 128 dense group alone, one BLAS thread per stream",
+                   alternate_rounds({"8 tensors on one stream": dense_fits([8]), "4 on one": dense_fits([4]),
+                                     "4 + 4 on two streams": dense_fits([4, 4])}, args.steps, args.repeats))
     fast = training.speed.available()
     with blas_threads(1) if fast else contextlib.nullcontext():
         runs = {"adamw": train_step("adamw"), "quad": train_step("quad")}
@@ -103,6 +156,12 @@ def main_():
             runs["quad, plain fit"] = train_step("quad", native_fit=False)
         report(f"(b) train step ({'two streams, one BLAS thread each' if fast else 'one stream'})",
                alternate_rounds(runs, args.steps, args.repeats))
+        runs = {"adamw": train_epoch("adamw", args.steps), "quad": train_epoch("quad", args.steps)}
+        if fast:
+            runs["quad, plain fit"] = train_epoch("quad", args.steps, native_fit=False)
+        epochs = alternate_rounds(runs, 1, args.repeats, warmup=2)
+        report(f"(c) train steps as an epoch runs them, {args.steps} per round (per step)",
+               {label: (low / args.steps, median / args.steps) for label, (low, median) in epochs.items()})
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
