@@ -36,7 +36,7 @@ from mlx.utils import tree_map  # noqa: E402
 import models  # noqa: E402
 from config import Config, override  # noqa: E402
 from optimizers import OptimConfig, build_optimizer  # noqa: E402
-from optimizers.quad import quad_iteration  # noqa: E402
+from optimizers.quad import momentum_update, quad_iteration  # noqa: E402
 from training.loop import build_trainer  # noqa: E402
 from training.speed import quad_fit  # noqa: E402
 from training.speed.trainer import blas_threads  # noqa: E402
@@ -56,7 +56,7 @@ def update_only(name: str, streams: int = 0, native_fit: bool = False):
     if streams:
         optimizer.streams = [mx.new_stream(mx.cpu) for _ in range(streams)]
     if native_fit:
-        optimizer.quad_iteration = quad_fit.quad_iteration
+        optimizer.quad_iteration, optimizer.momentum_update = quad_fit.quad_iteration, quad_fit.momentum_update
     optimizer.init(params)
     state = [optimizer.state]
     step = mx.compile(lambda g, p: optimizer.apply_gradients(g, p), inputs=state, outputs=state)
@@ -76,7 +76,7 @@ def train_step(name: str, streams: bool = True, native_fit: bool = True):
     if not streams and hasattr(trainer.optimizer, "streams"):
         trainer.optimizer.streams = None
     if not native_fit and hasattr(trainer.optimizer, "quad_iteration"):
-        trainer.optimizer.quad_iteration = quad_iteration
+        trainer.optimizer.quad_iteration, trainer.optimizer.momentum_update = quad_iteration, momentum_update
     x = mx.random.randint(0, VOCAB, (BATCH, SEQ))
     y = mx.random.randint(0, VOCAB, (BATCH,))
 
@@ -91,7 +91,7 @@ def train_epoch(name: str, batches: int, native_fit: bool = True):
     epoch (each step's evaluation started asynchronously, the next step built meanwhile), evaluated at the end."""
     trainer = build_trainer(override(Config(), {"optim.name": name}))
     if not native_fit and hasattr(trainer.optimizer, "quad_iteration"):
-        trainer.optimizer.quad_iteration = quad_iteration
+        trainer.optimizer.quad_iteration, trainer.optimizer.momentum_update = quad_iteration, momentum_update
     x = mx.random.randint(0, VOCAB, (batches * BATCH, SEQ))
     y = mx.random.randint(0, VOCAB, (batches * BATCH,))
     order = mx.arange(batches * BATCH)

@@ -3,10 +3,10 @@
 A port of ``quad.py`` from evanatyourservice/mlx-grokking (PyTorch, commit 36a93bc), from the
 restatement in its spec; the quirks of that reference are kept so that trajectories match it.
 
-The maths lives in pure functions (``initial_scale``, ``precondition``, ``lower_bound_norm``,
-``update_dense_side``, ``update_diag_side``, ``quad_iteration``, ``balance_ratio``) that work on a
-stack of tensors of one layout; :class:`QUAD` adds the momentum, the zero-gradient gating and weight
-decay. Which shape the preconditioner sees, and which parameters are stacked and updated together,
+The maths lives in pure functions (``initial_scale``, ``momentum_update``, ``precondition``,
+``lower_bound_norm``, ``update_dense_side``, ``update_diag_side``, ``quad_iteration``,
+``balance_ratio``) that work on a stack of tensors of one layout; :class:`QUAD` adds the momentum's
+coefficients, the zero-gradient gating and weight decay. Which shape the preconditioner sees, and which parameters are stacked and updated together,
 is decided in :mod:`optimizers.quad_groups`.
 """
 import math
@@ -48,6 +48,14 @@ def initial_scale(g: mx.array, unit_norm: bool = False) -> mx.array:
     mean4 = mx.sum(g * g * g * g, axis=axes) / mx.full((), math.prod(g.shape[1:]), g.dtype)
     s = mx.where(mean4 > 0, mx.power(mx.power(mean4, -1 / 8), 1 / 2), 1)
     return s if unit_norm else s * mx.power(amax, -1 / 4)
+
+
+def momentum_update(M: mx.array, G: mx.array, weight: mx.array, norm: Optional[mx.array] = None) -> mx.array:
+    """The momentum ``M + weight * (G / norm - M)`` of a stack (``G`` itself without ``norm``), with
+    ``weight`` and ``norm`` per slice (n,) along its leading axis."""
+    if norm is not None:
+        G = G / per_tensor(norm, G.ndim)
+    return M + per_tensor(weight, G.ndim) * (G - M)
 
 
 def precondition(Q: List[mx.array], diag: Tuple[bool, ...], G: mx.array, scale=None) -> mx.array:
@@ -289,6 +297,9 @@ class QUAD(Optimizer):
             function with its arguments and results (the speed layer's native one). Also settable
             later as the ``quad_iteration`` attribute, before the step is traced. Default:
             :func:`quad_iteration`.
+        momentum_update (callable, optional): The momentum step, :func:`momentum_update` or a
+            function with its arguments and results; settable like ``quad_iteration``. Default:
+            :func:`momentum_update`.
     """
 
     def __init__(
@@ -308,6 +319,7 @@ class QUAD(Optimizer):
         eps: float = 1e-6,
         streams: Optional[Sequence[mx.Stream]] = None,
         quad_iteration: Callable = quad_iteration,
+        momentum_update: Callable = momentum_update,
     ):
         # Compared as a Python float: a float64 array would be compared on the default device, which
         # may be a GPU (no float64 there).
@@ -340,6 +352,7 @@ class QUAD(Optimizer):
         self.eps = eps
         self.streams = streams
         self.quad_iteration = quad_iteration
+        self.momentum_update = momentum_update
         # Present until the first update; its presence (not its value) selects the traced graph.
         self.state["startup"] = mx.array(True)
         self._groups = ParameterGroups(self._layout)
@@ -469,9 +482,7 @@ class QUAD(Optimizer):
         norm = mx.sqrt(sq) + self.eps if self.normalize_grads else None
         # The first update starts the momentum at g (its state is still zero then); 0 when inactive.
         weight = mx.where(first, mx.array(1.0, dtype), mx.array(1 - self.momentum, dtype)) * active
-        if norm is not None:
-            G = G / per_tensor(repeat_to_slices(norm), G.ndim)
-        M = M_old + per_tensor(repeat_to_slices(weight), G.ndim) * (G - M_old)
+        M = self.momentum_update(M_old, G, repeat_to_slices(weight), norm if norm is None else repeat_to_slices(norm))
 
         if startup:
             s = initial_scale(M.reshape(k, numel), self.normalize_grads)      # M = g here

@@ -73,14 +73,15 @@ def test_gradient_recipe_is_the_references():
 
 def replay(dtype, fit="plain"):
     """Run QUAD on the 17 reference tensors for 300 steps, its preconditioner fitted by ``quad_iteration`` or
-    (``fit="native"``) the speed layer's native primitive; return parameter and state snapshots."""
+    (``fit="native"``) the speed layer's native primitives (and its momentum); return parameter and state
+    snapshots."""
     # A float64 learning rate: as a Python float it would be stored as float32 (0.003000000026).
     lr = mx.array(3e-3, dtype=mx.float64) if dtype == mx.float64 else 3e-3
     optimizer = QUAD(learning_rate=lr, **GROKKING)
     if fit == "native":
         if quad_fit.load_extension() is None:
             pytest.skip("the native fit does not build here (no g++, nanobind or CBLAS)")
-        optimizer.quad_iteration = quad_fit.quad_iteration
+        optimizer.quad_iteration, optimizer.momentum_update = quad_fit.quad_iteration, quad_fit.momentum_update
     names = [f"s{k:02d}" for k in range(len(SHAPES))]
     structures = [gradient_structure(k, s) for k, s in enumerate(SHAPES)]
     params = {n: mx.array(initial_parameter(k, s).astype(np.float64), dtype=dtype)

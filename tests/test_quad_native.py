@@ -1,7 +1,8 @@
 """QUAD's native preconditioner fit (``training/speed/quad_fit.cpp``) against ``optimizers.quad.quad_iteration``: every
 pair of dense and diagonal factors, float32 and float64, with and without the per-slice scales, gated slices left
-exactly as they were, strided inputs, compiled as eager; QUAD's steps and the trainer with it as without; the
-plain function where it does not apply; one-line errors. (Its 300-step parity with the PyTorch reference is in
+exactly as they were, strided inputs, compiled as eager; the native momentum against ``momentum_update``, bit for
+bit; QUAD's steps and the trainer with them as without; the plain functions where they do not apply; one-line
+errors. (Its 300-step parity with the PyTorch reference is in
 ``test_quad.py``.)"""
 import shutil
 import sys
@@ -13,7 +14,7 @@ from mlx.utils import tree_flatten, tree_map
 
 import data
 from config import Config, override
-from optimizers.quad import QUAD, quad_iteration as plain_iteration
+from optimizers.quad import QUAD, momentum_update as plain_momentum_update, quad_iteration as plain_iteration
 from training.speed import quad_fit
 from training.speed.trainer import FastTrainer
 
@@ -124,6 +125,20 @@ def test_compiled_equals_eager(extension):
         assert np.array_equal(np.array(a), np.array(b))
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float64])
+@pytest.mark.parametrize("shape", [(5, 33), (3, 7, 9), (1, 128, 130)])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_the_native_momentum_is_momentum_updates_bits(extension, shape, dtype, normalized):
+    rng = np.random.default_rng(2)
+    M, G = (mx.array(rng.standard_normal(shape), dtype) for _ in range(2))
+    weight = mx.array(rng.uniform(0, 1, shape[0]), dtype)
+    norm = mx.array(rng.uniform(0.5, 2, shape[0]), dtype) if normalized else None
+    for g in (G, mx.array(np.array(G).swapaxes(0, -1), dtype).swapaxes(0, -1)):  # row-major, a transposed view
+        expected = mx.compile(plain_momentum_update)(M, g, weight, norm)  # fused, as QUAD's compiled step runs it
+        for got in (quad_fit.momentum_update(M, g, weight, norm), plain_momentum_update(M, g, weight, norm)):
+            assert np.array_equal(np.array(got), np.array(expected))
+
+
 def test_rank_one_tensors_take_the_plain_function(extension):
     G = mx.array(np.random.default_rng(0).standard_normal((3, 16)), mx.float32)
     Q, L = [mx.ones((3, 16))], [mx.zeros((3, 1))]
@@ -173,6 +188,7 @@ def test_the_trainer_fits_quad_natively_and_follows_the_plain_fit(extension):
         mx.random.seed(0)
         trainer = FastTrainer(cfg, native_quad=native)
         assert (trainer.optimizer.quad_iteration is quad_fit.quad_iteration) == native
+        assert (trainer.optimizer.momentum_update is quad_fit.momentum_update) == native
         for _ in range(3):
             trainer.step(x, y)
         mx.eval(trainer.model.parameters())
@@ -188,9 +204,13 @@ def test_without_the_extension_the_plain_function_runs(monkeypatch):
         G, Q, L = stack(2, 5, 4, (False, True), mx.float32)
         plain, native = fits(G, Q, L, (False, True))
         assert all(np.array_equal(np.array(a), np.array(b)) for a, b in zip(native, plain))
+        weight = mx.ones((2,))
+        assert np.array_equal(np.array(quad_fit.momentum_update(G, 2 * G, weight)),
+                              np.array(plain_momentum_update(G, 2 * G, weight)))
         trainer = FastTrainer(override(Config(), {"data.p": 11, "model.dim": 32, "model.heads": 2,
                                                   "optim.name": "quad"}))
         assert trainer.optimizer.quad_iteration is plain_iteration
+        assert trainer.optimizer.momentum_update is plain_momentum_update
     finally:
         quad_fit.load_extension.cache_clear()
 
@@ -211,7 +231,19 @@ def ones(*shape, dtype=mx.float32):
     (lambda e: e.quad_fit(ones(2, 3, 4), ones(2, 3), ones(2, 4), ones(2), ones(2), ones(2), ones(2), ones(2),
                           ones(2), 0.8, 0.95, 1.0, 1.0), "gate must be a bool"),
 ])
-def test_bad_input_gets_a_one_line_error(extension, call, message):
+def test_fit_bad_input_gets_a_one_line_error(extension, call, message):
+    with pytest.raises(ValueError) as error:
+        call(extension)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.momentum_update(ones(2, 3), ones(2, 4), ones(2), None), "one shape and dtype"),
+    (lambda e: e.momentum_update(ones(2, 3), ones(2, 3, dtype=mx.float64), ones(2), None), "one shape and dtype"),
+    (lambda e: e.momentum_update(ones(2, 3), ones(2, 3), ones(3), None), "one entry per slice"),
+    (lambda e: e.momentum_update(ones(2, 3), ones(2, 3), ones(2), ones(2, dtype=mx.float64)), "one entry per slice"),
+])
+def test_momentum_bad_input_gets_a_one_line_error(extension, call, message):
     with pytest.raises(ValueError) as error:
         call(extension)
     assert message in str(error.value) and "\n" not in str(error.value)

@@ -1,5 +1,6 @@
 // One PSGD-QUAD preconditioner fit of a stack of factored tensors as a native MLX primitive for the CPU backend:
-// optimizers.quad.quad_iteration for a (S, m, n) stack, in float32 or float64.
+// optimizers.quad.quad_iteration for a (S, m, n) stack, in float32 or float64; and the momentum step before it
+// (optimizers.quad.momentum_update, the same bits).
 //
 // MLX computes quad_iteration as about 70 graph nodes per parameter group (its matmuls, and a dozen element-wise
 // passes and reductions per factor), each dispatched on its own; on the grokking model that is most of QUAD's
@@ -18,12 +19,14 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/vector.h>
 
 #include "mlx/allocator.h"
@@ -350,7 +353,78 @@ class QuadFit : public mx::Primitive {
   Settings s_;
 };
 
+// The momentum of a stack of S slices: M + w (G / n - M) element by element, w and n per slice (without `norm`,
+// G itself), in optimizers.quad.momentum_update's operations and order: the same bits. MLX runs it as one fused
+// kernel, but on its strided path (the per-slice factors are broadcast operands), ~3x slower than this loop.
+template <typename T>
+void momentum_slice(const T* __restrict M, const T* __restrict G, T w, T n, bool normalized, int64_t size,
+                    T* __restrict out) {
+  if (normalized)
+    for (int64_t e = 0; e < size; ++e) out[e] = M[e] + w * (G[e] / n - M[e]);
+  else
+    for (int64_t e = 0; e < size; ++e) out[e] = M[e] + w * (G[e] - M[e]);
+}
+
+// Inputs: M, G (S, ...), the weights (S,) and (`normalized`) the norms (S,). Output: the new M.
+class MomentumUpdate : public mx::Primitive {
+ public:
+  MomentumUpdate(mx::Stream stream, bool normalized) : mx::Primitive(stream), normalized_(normalized) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    if (inputs[0].dtype() == mx::float32)
+      run<float>(inputs, outputs[0]);
+    else
+      run<double>(inputs, outputs[0]);
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("MomentumUpdate runs on the CPU only");
+  }
+
+  const char* name() const override { return "MomentumUpdate"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return normalized_ == static_cast<const MomentumUpdate&>(other).normalized_;
+  }
+
+ private:
+  template <typename T>
+  void run(const std::vector<mx::array>& inputs, mx::array& out) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    std::vector<RowMajor<T>> in;
+    for (const auto& a : inputs) in.emplace_back(a);
+    const int64_t slices = inputs[0].shape(0), size = inputs[0].size() / std::max<int64_t>(slices, 1);
+    encoder.dispatch([in = std::move(in), normalized = normalized_, slices, size, out = out.data<T>()]() mutable {
+      const T* M = in[0].get();
+      const T* G = in[1].get();
+      const T* w = in[2].get();
+      const T* n = normalized ? in[3].get() : nullptr;
+      for (int64_t s = 0; s < slices; ++s)
+        momentum_slice(M + s * size, G + s * size, w[s], normalized ? n[s] : T(1), normalized, size, out + s * size);
+    });
+  }
+
+  bool normalized_;
+};
+
 bool available() { return blas().complete(); }
+
+mx::array momentum_update(const mx::array& M, const mx::array& G, const mx::array& weight,
+                          const std::optional<mx::array>& norm) {
+  const auto dtype = M.dtype();
+  if ((dtype != mx::float32 && dtype != mx::float64) || M.ndim() < 1 || G.shape() != M.shape() || G.dtype() != dtype)
+    throw std::invalid_argument("momentum_update's M and G must be float32 or float64 arrays of one shape and dtype");
+  std::vector<mx::array> inputs{M, G, weight};
+  if (norm) inputs.push_back(*norm);
+  for (size_t i = 2; i < inputs.size(); ++i)
+    if (inputs[i].dtype() != dtype || inputs[i].size() != size_t(M.shape(0)))
+      throw std::invalid_argument("momentum_update's weight and norm must have one entry per slice, of M's dtype");
+  return mx::array(M.shape(), dtype, std::make_shared<MomentumUpdate>(mx::to_stream({}), norm.has_value()),
+                   std::move(inputs));
+}
 
 std::vector<mx::array> quad_fit(const mx::array& G, const mx::array& Ql, const mx::array& Qr, const mx::array& Ll,
                                 const mx::array& Lr, const mx::array& scale_l, const mx::array& scale_r,
@@ -384,6 +458,7 @@ std::vector<mx::array> quad_fit(const mx::array& G, const mx::array& Ql, const m
 
 NB_MODULE(_quad_fit, m) {
   m.def("available", &available);
+  m.def("momentum_update", &momentum_update, nb::arg("M"), nb::arg("G"), nb::arg("weight"), nb::arg("norm").none());
   m.def("quad_fit", &quad_fit, nb::arg("G"), nb::arg("Q_left"), nb::arg("Q_right"), nb::arg("L_left"),
         nb::arg("L_right"), nb::arg("scale_left"), nb::arg("scale_right"), nb::arg("scale_pg"), nb::arg("gate"),
         nb::arg("precond_lr"), nb::arg("precond_beta"), nb::arg("target_left"), nb::arg("target_right"));

@@ -1,9 +1,12 @@
-"""QUAD's preconditioner fit as a native MLX primitive (``quad_fit.cpp``): :func:`quad_iteration`, a drop-in for
-``optimizers.quad.quad_iteration`` on stacks of factored tensors in float32 or float64.
+"""QUAD's preconditioner fit and momentum as native MLX primitives (``quad_fit.cpp``): :func:`quad_iteration`, a
+drop-in for ``optimizers.quad.quad_iteration`` on stacks of factored tensors in float32 or float64, and
+:func:`momentum_update`, ``optimizers.quad.momentum_update``'s bits.
 
 MLX runs the fit of one parameter group as about 70 graph nodes (the matrix products, and a dozen element-wise
 passes and reductions per factor); the primitive is one node, which loops over the stack's slices, calls the
-process's BLAS for the products (``syrk`` for the symmetric ones) and does the rest between them. Built once
+process's BLAS for the products (``syrk`` for the symmetric ones) and does the rest between them. MLX fuses the
+momentum into one kernel, but runs it on its strided path (the per-slice factors are broadcast operands); the
+primitive is a contiguous loop per slice. Built once
 per machine like ``speed.native``; where it does not build or load, or no CBLAS is in the global scope (fastblas
 loaded none), :func:`load_extension` gives None and :func:`quad_iteration` is the plain one.
 """
@@ -15,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import mlx.core as mx
 
-from optimizers.quad import quad_iteration as plain_iteration
+from optimizers.quad import momentum_update as plain_momentum_update, quad_iteration as plain_iteration
 from training.speed.compiler import build_library
 from training.speed.native import build_options
 
@@ -66,3 +69,12 @@ def quad_iteration(Q: List[mx.array], L: List[mx.array], G: mx.array, diag: Tupl
         per_slice(1.0 if scale_pg is None else scale_pg, S, dtype), per_slice(gate, S, mx.bool_),
         float(precond_lr), float(precond_beta), numel / m, numel / n)
     return Pg, [Q_left, Q_right], [L_left, L_right]
+
+
+def momentum_update(M: mx.array, G: mx.array, weight: mx.array, norm: Optional[mx.array] = None) -> mx.array:
+    """``optimizers.quad.momentum_update``, the same bits: by the native primitive for float32 or float64 stacks on
+    the CPU, else the plain function."""
+    native = load_extension()
+    if native is None or M.dtype not in (mx.float32, mx.float64) or mx.default_device() != mx.cpu:
+        return plain_momentum_update(M, G, weight, norm)
+    return native.momentum_update(M, G, weight, norm)

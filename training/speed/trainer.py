@@ -12,7 +12,8 @@ There MLX runs each stream's elementwise work on one thread, so:
 - subnormal floats are flushed to zero on x86-64 (``flush_subnormals``), which only changes values below
   1.2e-38 and keeps late, weight-decay-free training from slowing down severalfold;
 - MLX's fused kernels are built for this CPU (``compiler.build_kernels_for_this_cpu``);
-- QUAD fits its preconditioner with the native primitive of ``quad_fit`` where it builds.
+- QUAD fits its preconditioner and steps its momentum with the native primitives of ``quad_fit`` where they
+  build.
 """
 import contextlib
 import ctypes
@@ -28,10 +29,11 @@ from mlx.utils import tree_map
 
 import fastblas
 from config import Config
+from optimizers.quad import QUAD
+from training.speed import quad_fit
 from training.speed.compiler import build_kernels_for_this_cpu
 from training.speed.masks import NativeMasks
 from training.speed.model import FastModel
-from training.speed.quad_fit import load_extension as load_quad_fit, quad_iteration as native_quad_iteration
 from training.trainer import EVAL_CHUNK, Trainer, loss_and_correct
 
 
@@ -110,7 +112,7 @@ class FastTrainer(Trainer):
                  native_masks: bool = True, native_quad: bool = True):
         """``streams``: how many CPU streams a batch and an evaluation are split over (1: no split);
         ``native_masks``: draw the dropout masks with ``NativeMasks`` where it builds (else with MLX);
-        ``native_quad``: QUAD's preconditioner fits by ``quad_fit``'s primitive where it builds."""
+        ``native_quad``: QUAD's preconditioner fits and momentum by ``quad_fit``'s primitives where they build."""
         build_kernels_for_this_cpu()  # before the first fused kernel is built
         super().__init__(cfg, optimizer)
         model, optimizer = self.model, self.optimizer
@@ -122,8 +124,8 @@ class FastTrainer(Trainer):
         keep_freed_memory()
         if hasattr(optimizer, "streams"):  # QUAD: spread its parameter groups over the same streams
             optimizer.streams = self.streams
-        if native_quad and hasattr(optimizer, "quad_iteration") and load_quad_fit() is not None:
-            optimizer.quad_iteration = native_quad_iteration
+        if native_quad and isinstance(optimizer, QUAD) and quad_fit.load_extension() is not None:
+            optimizer.quad_iteration, optimizer.momentum_update = quad_fit.quad_iteration, quad_fit.momentum_update
 
         def scaled_loss(model, x, y, masks, scale):
             loss, correct = loss_and_correct(fast(x, masks), y)
