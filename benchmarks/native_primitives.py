@@ -1,6 +1,7 @@
-"""What the native primitives save (``training/speed/native.cpp``: attention, the SiLU gate, RMSNorm):
+"""What the native primitives save (``training/speed/native.cpp``: attention, the SiLU gate, RMSNorm;
+``training/speed/quad_fit.cpp``: QUAD's preconditioner fit and momentum):
 
-    python benchmarks/native_primitives.py [attention|gate|norm|all] [--repeats 3] [--epochs 20] [--set KEY=VALUE ...]
+    python benchmarks/native_primitives.py [attention|gate|norm|all|quad] [--repeats 3] [--epochs 20] [--set KEY=VALUE ...]
 
 Each measurement is a fresh process that trains the default run (``training.loop.train``, no files) for
 ``--epochs`` epochs with MLX's computation of the chosen primitives (``all`` by default) or with the native one
@@ -8,7 +9,8 @@ Each measurement is a fresh process that trains the default run (``training.loop
 epoch each. It prints the median ms per step and per evaluation of each and their ratios. The native gate gives
 MLX's fused gate's bits, so ``gate`` compares runs with the same metrics; the native attention sums its dot
 products in another order and the native RMSNorm its sums, so with them the metrics differ by float rounding. Each kind's runs should agree to
-the last bit.
+the last bit. ``quad`` trains with QUAD (``optim.name=quad``, unless ``--set`` gives another) and compares its plain
+fit and momentum (``optimizers.quad``) with the native ones; the fit's sums differ from MLX's by float rounding.
 """
 import sys
 
@@ -21,6 +23,12 @@ FLAGS = {"attention": ("native_attention",), "gate": ("native_gate",), "norm": (
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     which = argv.pop(0) if argv and argv[0] in FLAGS else "all"
+    if argv and argv[0] == "quad":
+        args, overrides = parse_args(__doc__, argv[1:])
+        plain = ("import functools\nimport training.speed.trainer as speed\n"
+                 "speed.FastTrainer.__init__ = functools.partialmethod(speed.FastTrainer.__init__, native_quad=False)")
+        return compare({"plain QUAD fit": (plain, {}), "native QUAD fit": ("", {})}, args,
+                       {"optim.name": "quad", **overrides})
     args, overrides = parse_args(__doc__, argv)
     off = ", ".join(f"{flag}=False" for flag in FLAGS[which])
     mlx = ("import training.speed.trainer as speed\nfast_model = speed.FastModel\n"
