@@ -17,16 +17,9 @@ from training.speed import compiler, masks
 from training.speed.masks import NativeMasks
 from training.speed.trainer import FastTrainer
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
-                                reason="the masks are built with g++ on Linux")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_stream():
-    """MLX's CPU draws are the reference (and the speed layer's trainer runs on the CPU), also on a machine
-    whose default device is a GPU."""
-    with mx.stream(mx.cpu):
-        yield
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
+                               reason="the masks are built with g++ on Linux"),
+              pytest.mark.usefixtures("cpu_stream")]
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,9 @@ from training.speed import kernels, native
 from training.speed.model import FastModel, attend
 from training.speed.trainer import FastTrainer
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
-                                reason="the primitives are built with g++ on Linux")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_stream():
-    """The primitives are the CPU backend's: test them on the CPU, also where the default device is a GPU."""
-    with mx.stream(mx.cpu):
-        yield
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
+                               reason="the primitives are built with g++ on Linux"),
+              pytest.mark.usefixtures("cpu_stream")]
 
 
 @pytest.fixture(scope="module")

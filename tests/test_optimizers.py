@@ -17,11 +17,7 @@ TRACES = {"quad": 2}
 CONVEX = {"adamw": {"lr": 0.05}, "quad": {"lr": 0.1}, "muon": {"lr": 0.02, "adam_lr": 0.05},
           "lion": {"lr": 0.01}, "sgd": {"lr": 0.1}}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_stream():
-    with mx.stream(mx.cpu):
-        yield
+pytestmark = pytest.mark.usefixtures("cpu_stream")
 
 
 def tree(dtype=mx.float32, seed=0):

@@ -27,13 +27,7 @@ TOLERANCES = json.loads(str(REFERENCE["tolerances_json"]))
 GROKKING = dict(momentum=0.9, weight_decay=0.3, preconditioner_lr=1.0, max_size_dense=float("inf"),
                 max_skew_dense=1.0, precondition_largest_two_dims=True, normalize_grads=True)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_stream():
-    """Every test here on the CPU stream: most use float64 (as the parity data needs), which MLX has on
-    the CPU only, and a machine whose default device is a GPU would otherwise refuse them."""
-    with mx.stream(mx.cpu):
-        yield
+pytestmark = pytest.mark.usefixtures("cpu_stream")
 
 
 # ---- the reference's gradient recipe (NumPy Generator streams, bit-exact) -------------------------

@@ -18,17 +18,11 @@ from optimizers.quad import QUAD, momentum_update as plain_momentum_update, quad
 from training.speed import quad_fit
 from training.speed.trainer import FastTrainer
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
-                                reason="the primitive is built with g++ on Linux")
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
+                               reason="the primitive is built with g++ on Linux"),
+              pytest.mark.usefixtures("cpu_stream")]
 
 LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_stream():
-    """The primitive is the CPU backend's, and float64 exists on the CPU only."""
-    with mx.stream(mx.cpu):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +192,7 @@ def test_the_trainer_fits_quad_natively_and_follows_the_plain_fit(extension):
 
 
 def test_without_the_extension_the_plain_function_runs(monkeypatch):
-    monkeypatch.setattr(quad_fit, "build_options", lambda: None)
+    monkeypatch.setattr(quad_fit, "import_extension", lambda source, name: None)
     quad_fit.load_extension.cache_clear()
     try:
         G, Q, L = stack(2, 5, 4, (False, True), mx.float32)

@@ -28,19 +28,13 @@ from training.speed.trainer import FastTrainer, shared_prefixes
 
 SMALL = {"data.p": 11, "model.dim": 32, "model.heads": 2, "train.batch_size": 32}
 
+pytestmark = pytest.mark.usefixtures("cpu_stream")
+
 
 def rel_err(a, b) -> float:
     """Largest absolute difference relative to the largest reference magnitude."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_stream():
-    """These are the Linux CPU backend's paths: test them on the CPU, also on a machine whose default
-    device is a GPU (where the trainer does not take them)."""
-    with mx.stream(mx.cpu):
-        yield
 
 
 def test_speed_layer_is_chosen_for_the_linux_cpu_backend_only():

@@ -31,10 +31,14 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 
+#include "dense.h"
+
 namespace mx = mlx::core;
 namespace nb = nanobind;
 
 namespace {
+
+using speed::Dense;
 
 // A 4-d float32 array's data as row-major: `data` itself, or a copy in `storage` when its strides differ.
 const float* row_major(const float* data, const mx::Shape& shape, const mx::Strides& strides,
@@ -342,41 +346,6 @@ std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k
 // and the gate and its gradients into more. Here the forward pass is one loop and the backward pass another,
 // which recomputes the sigmoid rather than storing it. Every operation is kernels.fast_sigmoid's and
 // kernels.silu_gate's, in their order, in float32 (the build keeps a * b + c two roundings): the same bits.
-
-// A row-major copy of an array of any rank in `storage`, or its data itself when it is row-major already.
-template <typename T>
-const T* dense(const T* data, const mx::Shape& shape, const mx::Strides& strides, std::vector<T>& storage) {
-  int64_t size = 1;
-  bool row_major = true;
-  for (int axis = static_cast<int>(shape.size()) - 1; axis >= 0; --axis) {
-    row_major = row_major && (shape[axis] == 1 || strides[axis] == size);
-    size *= shape[axis];
-  }
-  if (row_major) return data;
-  storage.resize(size);
-  for (int64_t n = 0; n < size; ++n) {
-    int64_t rest = n, offset = 0;
-    for (int axis = static_cast<int>(shape.size()) - 1; axis >= 0; --axis) {
-      offset += (rest % shape[axis]) * strides[axis];
-      rest /= shape[axis];
-    }
-    storage[n] = data[offset];
-  }
-  return storage.data();
-}
-
-// An evaluated input read as row-major in the dispatched task (its strides are known in eval_cpu, its data
-// only in the task).
-template <typename T>
-struct Dense {
-  const T* data;
-  mx::Shape shape;
-  mx::Strides strides;
-  std::vector<T> storage;
-
-  explicit Dense(const mx::array& a) : data(a.data<T>()), shape(a.shape()), strides(a.strides()) {}
-  const T* get() { return dense(data, shape, strides, storage); }
-};
 
 // kernels.fast_sigmoid: 1 / (1 + 2**n 2**f), n = round(-x log2 e) by the 1.5 * 2**23 trick, 2**f by Cephes'
 // polynomial in Estrin's order.

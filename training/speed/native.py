@@ -30,11 +30,13 @@ from training.speed.compiler import build_library
 
 SOURCE = Path(__file__).with_name("native.cpp")
 MODULE = "_native"  # the name NB_MODULE gives it in native.cpp
+HEADERS = (Path(__file__).with_name("dense.h"),)  # included by the sources, so part of their builds' cache keys
 
 
 def build_options() -> Optional[tuple]:
     """``(options, identity)`` for ``build_library``: nanobind's combined source and headers, MLX's headers and
-    library, Python's headers; None without nanobind."""
+    library, Python's headers, and as identity their versions and the text of the layer's own headers; None without
+    nanobind."""
     try:
         import nanobind
     except ImportError:
@@ -47,23 +49,34 @@ def build_options() -> Optional[tuple]:
                f"-I{mlx_root / 'include'}", f"-I{sysconfig.get_paths()['include']}",
                str(Path(nanobind.source_dir()) / "nb_combined.cpp"),
                f"-L{mlx_root / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_root / 'lib'}")
-    return options, (mx.__version__, nanobind.__version__, sysconfig.get_config_var("EXT_SUFFIX") or "")
+    return options, (mx.__version__, nanobind.__version__, sysconfig.get_config_var("EXT_SUFFIX") or "",
+                     *(header.read_text() for header in HEADERS))
+
+
+def import_extension(source: Path, name: str) -> Optional[ModuleType]:
+    """The nanobind module ``name`` that ``source`` defines, built (once per machine) and imported, or None where it
+    does not build or load."""
+    options = build_options()
+    path = options and build_library(source, options=options[0], identity=options[1])
+    if not path:
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (ImportError, OSError):
+        return None
+    return module
 
 
 @functools.lru_cache(maxsize=None)
 def load_extension() -> Optional[ModuleType]:
     """``native.cpp`` built (once per machine) and imported (once per process), or None."""
-    options = build_options()
-    path = options and build_library(SOURCE, options=options[0], identity=options[1])
-    if not path:
-        return None
+    module = import_extension(SOURCE, MODULE)
     try:
-        spec = importlib.util.spec_from_file_location(MODULE, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
         # A nanobind whose ABI differs from MLX's loads but does not know mx.array: try one call.
-        module.attention(mx.zeros((1, 1, 1, 1)), [mx.zeros((1, 1, 1, 1))], [mx.zeros((1, 1, 1, 1))], 1.0)
-    except (ImportError, OSError, TypeError):
+        module and module.attention(mx.zeros((1, 1, 1, 1)), [mx.zeros((1, 1, 1, 1))], [mx.zeros((1, 1, 1, 1))], 1.0)
+    except TypeError:
         return None
     return module
 

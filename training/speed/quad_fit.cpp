@@ -34,10 +34,14 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 
+#include "dense.h"
+
 namespace mx = mlx::core;
 namespace nb = nanobind;
 
 namespace {
+
+using speed::Dense;
 
 // CBLAS's enumerations.
 constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, LOWER = 122;
@@ -257,38 +261,6 @@ size_t fit_scratch(const Settings& s) {
   return size_t(s.m) * s.n + dense_square(s) + side;
 }
 
-// An evaluated input's data, row-major: the data itself, or a copy when its strides differ (known in eval_cpu,
-// read in the dispatched task).
-template <typename T>
-struct RowMajor {
-  const T* data;
-  mx::Shape shape;
-  mx::Strides strides;
-  std::vector<T> storage;
-
-  explicit RowMajor(const mx::array& a) : data(a.data<T>()), shape(a.shape()), strides(a.strides()) {}
-
-  const T* get() {
-    int64_t size = 1;
-    bool dense = true;
-    for (int axis = static_cast<int>(shape.size()) - 1; axis >= 0; --axis) {
-      dense = dense && (shape[axis] == 1 || strides[axis] == size);
-      size *= shape[axis];
-    }
-    if (dense) return data;
-    storage.resize(size);
-    for (int64_t e = 0; e < size; ++e) {
-      int64_t rest = e, offset = 0;
-      for (int axis = static_cast<int>(shape.size()) - 1; axis >= 0; --axis) {
-        offset += (rest % shape[axis]) * strides[axis];
-        rest /= shape[axis];
-      }
-      storage[e] = data[offset];
-    }
-    return storage.data();
-  }
-};
-
 // Inputs: G (S, m, n), Q_l, Q_r ((S, d, d) dense or (S, d) diagonal), L_l, L_r (S values each), the per-slice
 // scale_l, scale_r, scale_pg and gate (bool), all (S,). Outputs: Pg, Q_l, Q_r, L_l, L_r, shaped as G and as the
 // inputs.
@@ -323,10 +295,10 @@ class QuadFit : public mx::Primitive {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& a : inputs) encoder.set_input_array(a);
     for (auto& o : outputs) encoder.set_output_array(o);
-    std::vector<RowMajor<T>> in;
+    std::vector<Dense<T>> in;
     for (int i = 0; i < 9; ++i)
       if (i != 8) in.emplace_back(inputs[i]);
-    encoder.dispatch([in = std::move(in), gate = RowMajor<uint8_t>(inputs[8]), s = s_, Pg = outputs[0].data<T>(),
+    encoder.dispatch([in = std::move(in), gate = Dense<uint8_t>(inputs[8]), s = s_, Pg = outputs[0].data<T>(),
                       Ql = outputs[1].data<T>(), Qr = outputs[2].data<T>(), Ll = outputs[3].data<T>(),
                       Lr = outputs[4].data<T>()]() mutable {
       const T* G = in[0].get();
@@ -394,7 +366,7 @@ class MomentumUpdate : public mx::Primitive {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& a : inputs) encoder.set_input_array(a);
     encoder.set_output_array(out);
-    std::vector<RowMajor<T>> in;
+    std::vector<Dense<T>> in;
     for (const auto& a : inputs) in.emplace_back(a);
     const int64_t slices = inputs[0].shape(0), size = inputs[0].size() / std::max<int64_t>(slices, 1);
     encoder.dispatch([in = std::move(in), normalized = normalized_, slices, size, out = out.data<T>()]() mutable {

@@ -11,7 +11,6 @@ per machine like ``speed.native``; where it does not build or load, or no CBLAS 
 loaded none), :func:`load_extension` gives None and :func:`quad_iteration` is the plain one.
 """
 import functools
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import List, Optional, Tuple
@@ -19,8 +18,7 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 
 from optimizers.quad import momentum_update as plain_momentum_update, quad_iteration as plain_iteration
-from training.speed.compiler import build_library
-from training.speed.native import build_options
+from training.speed.native import import_extension
 
 SOURCE = Path(__file__).with_name("quad_fit.cpp")
 MODULE = "_quad_fit"  # the name NB_MODULE gives it in quad_fit.cpp
@@ -28,22 +26,16 @@ MODULE = "_quad_fit"  # the name NB_MODULE gives it in quad_fit.cpp
 
 @functools.lru_cache(maxsize=None)
 def load_extension() -> Optional[ModuleType]:
-    """``quad_fit.cpp`` built (once per machine) and imported (once per process), or None."""
-    options = build_options()
-    path = options and build_library(SOURCE, options=options[0], identity=options[1])
-    if not path:
-        return None
+    """``quad_fit.cpp`` built (once per machine) and imported (once per process), or None (also without a CBLAS)."""
+    module = import_extension(SOURCE, MODULE)
     try:
-        spec = importlib.util.spec_from_file_location(MODULE, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not module.available():
+        if module is None or not module.available():
             return None
         one = mx.ones((1,))
         # A nanobind whose ABI differs from MLX's loads but does not know mx.array: try one call.
         module.quad_fit(mx.ones((1, 1, 1)), one[None], one[None], one, one, one, one, one, mx.array([True]),
                         0.5, 0.5, 1.0, 1.0)
-    except (ImportError, OSError, TypeError):
+    except TypeError:
         return None
     return module
 
