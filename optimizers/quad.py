@@ -6,8 +6,8 @@ restatement in its spec; the quirks of that reference are kept so that trajector
 The maths lives in pure functions (``initial_scale``, ``momentum_update``, ``precondition``,
 ``lower_bound_norm``, ``update_dense_side``, ``update_diag_side``, ``quad_iteration``,
 ``balance_ratio``) that work on a stack of tensors of one layout; :class:`QUAD` adds the momentum's
-coefficients, the zero-gradient gating and weight decay. Which shape the preconditioner sees, and which parameters are stacked and updated together,
-is decided in :mod:`optimizers.quad_groups`.
+coefficients, the zero-gradient gating and weight decay. Which shape the preconditioner sees, and
+which parameters are stacked and updated together, is decided in :mod:`optimizers.quad_groups`.
 """
 import math
 from functools import partial
@@ -482,7 +482,7 @@ class QUAD(Optimizer):
         norm = mx.sqrt(sq) + self.eps if self.normalize_grads else None
         # The first update starts the momentum at g (its state is still zero then); 0 when inactive.
         weight = mx.where(first, mx.array(1.0, dtype), mx.array(1 - self.momentum, dtype)) * active
-        M = self.momentum_update(M_old, G, repeat_to_slices(weight), norm if norm is None else repeat_to_slices(norm))
+        M = self.momentum_update(M_old, G, repeat_to_slices(weight), None if norm is None else repeat_to_slices(norm))
 
         if startup:
             s = initial_scale(M.reshape(k, numel), self.normalize_grads)      # M = g here
