@@ -134,6 +134,9 @@ def main_():
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=11, help="rounds per variant")
     args = parser.parse_args()
+    for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
+        if value < 1:
+            parser.error(f"{flag}={value} must be >= 1")
     print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, load average {os.getloadavg()[0]:.2f}")
     report("(a) optimizer update, BLAS threads as set (min / median)",
            alternate_rounds({"adamw": update_only("adamw"), "quad": update_only("quad")}, args.steps, args.repeats))

@@ -216,6 +216,8 @@ def ones(*shape, dtype=mx.float32):
 @pytest.mark.parametrize("call, message", [
     (lambda e: e.quad_fit(ones(2, 3), ones(2, 2), ones(2, 3), ones(2), ones(2), ones(2), ones(2), ones(2),
                           mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0), "(S, m, n)"),
+    (lambda e: e.quad_fit(ones(2, 0, 4), ones(2, 0), ones(2, 4), ones(2), ones(2), ones(2), ones(2), ones(2),
+                          mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0), "m, n >= 1"),
     (lambda e: e.quad_fit(ones(2, 3, 4), ones(2, 3, 4), ones(2, 4), ones(2), ones(2), ones(2), ones(2), ones(2),
                           mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0), "Q_l must be"),
     (lambda e: e.quad_fit(ones(2, 3, 4), ones(2, 3), ones(2, 4, dtype=mx.float64), ones(2), ones(2), ones(2),

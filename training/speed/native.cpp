@@ -31,13 +31,14 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 
-#include "dense.h"
+#include "cpu_primitive.h"
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
 
 namespace {
 
+using speed::CpuPrimitive;
 using speed::Dense;
 
 // A 4-d float32 array's data as row-major: `data` itself, or a copy in `storage` when its strides differ.
@@ -166,26 +167,6 @@ void check_input(const mx::array& a, const char* what) {
   if (a.dtype() != mx::float32 || a.ndim() != 4)
     throw std::invalid_argument(std::string(what) + " must be a float32 (B, L, H, d) array");
 }
-
-// The base of the primitives here: they run on the CPU only; `encoder` allocates the outputs and gives the
-// stream's command encoder with the inputs and outputs registered.
-class CpuPrimitive : public mx::Primitive {
- public:
-  using mx::Primitive::Primitive;
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string(name()) + " runs on the CPU only");
-  }
-
- protected:
-  mx::cpu::CommandEncoder& encoder(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) encoder.set_input_array(a);
-    for (auto& o : outputs) encoder.set_output_array(o);
-    return encoder;
-  }
-};
 
 // The forward pass. Inputs: q, then the key parts, then the value parts, then (`indexed`) the int32 rows (B,)
 // of the first parts that each row of q reads. Outputs: the attention output (B, Lq, H, d) and the

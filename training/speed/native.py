@@ -30,7 +30,7 @@ from training.speed.compiler import build_library
 
 SOURCE = Path(__file__).with_name("native.cpp")
 MODULE = "_native"  # the name NB_MODULE gives it in native.cpp
-HEADERS = (Path(__file__).with_name("dense.h"),)  # included by the sources, so part of their builds' cache keys
+HEADERS = (Path(__file__).with_name("cpu_primitive.h"),)  # included by the sources, so part of their builds' cache keys
 
 
 def build_options() -> Optional[tuple]:

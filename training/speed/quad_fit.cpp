@@ -34,13 +34,14 @@
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
 
-#include "dense.h"
+#include "cpu_primitive.h"
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
 
 namespace {
 
+using speed::CpuPrimitive;
 using speed::Dense;
 
 // CBLAS's enumerations.
@@ -264,19 +265,15 @@ size_t fit_scratch(const Settings& s) {
 // Inputs: G (S, m, n), Q_l, Q_r ((S, d, d) dense or (S, d) diagonal), L_l, L_r (S values each), the per-slice
 // scale_l, scale_r, scale_pg and gate (bool), all (S,). Outputs: Pg, Q_l, Q_r, L_l, L_r, shaped as G and as the
 // inputs.
-class QuadFit : public mx::Primitive {
+class QuadFit : public CpuPrimitive {
  public:
-  QuadFit(mx::Stream stream, Settings settings) : mx::Primitive(stream), s_(settings) {}
+  QuadFit(mx::Stream stream, Settings settings) : CpuPrimitive(stream), s_(settings) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     if (inputs[0].dtype() == mx::float32)
       run<float>(inputs, outputs);
     else
       run<double>(inputs, outputs);
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("QuadFit runs on the CPU only");
   }
 
   const char* name() const override { return "QuadFit"; }
@@ -291,10 +288,7 @@ class QuadFit : public mx::Primitive {
  private:
   template <typename T>
   void run(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) encoder.set_input_array(a);
-    for (auto& o : outputs) encoder.set_output_array(o);
+    auto& encoder = this->encoder(inputs, outputs);
     std::vector<Dense<T>> in;
     for (int i = 0; i < 9; ++i)
       if (i != 8) in.emplace_back(inputs[i]);
@@ -338,19 +332,15 @@ void momentum_slice(const T* __restrict M, const T* __restrict G, T w, T n, bool
 }
 
 // Inputs: M, G (S, ...), the weights (S,) and (`normalized`) the norms (S,). Output: the new M.
-class MomentumUpdate : public mx::Primitive {
+class MomentumUpdate : public CpuPrimitive {
  public:
-  MomentumUpdate(mx::Stream stream, bool normalized) : mx::Primitive(stream), normalized_(normalized) {}
+  MomentumUpdate(mx::Stream stream, bool normalized) : CpuPrimitive(stream), normalized_(normalized) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     if (inputs[0].dtype() == mx::float32)
-      run<float>(inputs, outputs[0]);
+      run<float>(inputs, outputs);
     else
-      run<double>(inputs, outputs[0]);
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("MomentumUpdate runs on the CPU only");
+      run<double>(inputs, outputs);
   }
 
   const char* name() const override { return "MomentumUpdate"; }
@@ -361,15 +351,12 @@ class MomentumUpdate : public mx::Primitive {
 
  private:
   template <typename T>
-  void run(const std::vector<mx::array>& inputs, mx::array& out) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
+  void run(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+    auto& encoder = this->encoder(inputs, outputs);
     std::vector<Dense<T>> in;
     for (const auto& a : inputs) in.emplace_back(a);
     const int64_t slices = inputs[0].shape(0), size = inputs[0].size() / std::max<int64_t>(slices, 1);
-    encoder.dispatch([in = std::move(in), normalized = normalized_, slices, size, out = out.data<T>()]() mutable {
+    encoder.dispatch([in = std::move(in), normalized = normalized_, slices, size, out = outputs[0].data<T>()]() mutable {
       const T* M = in[0].get();
       const T* G = in[1].get();
       const T* w = in[2].get();
@@ -404,8 +391,8 @@ std::vector<mx::array> quad_fit(const mx::array& G, const mx::array& Ql, const m
                                 double precond_beta, double target_left, double target_right) {
   if (!available()) throw std::runtime_error("quad_fit needs a CBLAS (cblas_sgemm, ...) in the global scope");
   const auto dtype = G.dtype();
-  if ((dtype != mx::float32 && dtype != mx::float64) || G.ndim() != 3)
-    throw std::invalid_argument("quad_fit's G must be a float32 or float64 (S, m, n) array");
+  if ((dtype != mx::float32 && dtype != mx::float64) || G.ndim() != 3 || G.shape(1) < 1 || G.shape(2) < 1)
+    throw std::invalid_argument("quad_fit's G must be a float32 or float64 (S, m, n) array with m, n >= 1");
   const int S = G.shape(0), m = G.shape(1), n = G.shape(2);
   auto factor = [&](const mx::array& q, int d, const char* what) {
     const bool diag = q.ndim() == 2;

@@ -122,10 +122,10 @@ class FastTrainer(Trainer):
         self.native_masks = NativeMasks.build() if native_masks and cfg.model.dropout > 0 else None
         self.mask_stream = mx.new_stream(mx.cpu)
         keep_freed_memory()
-        if hasattr(optimizer, "streams"):  # QUAD: spread its parameter groups over the same streams
+        if isinstance(optimizer, QUAD):  # its parameter groups over the same streams; its fit and momentum native
             optimizer.streams = self.streams
-        if native_quad and isinstance(optimizer, QUAD) and quad_fit.load_extension() is not None:
-            optimizer.quad_iteration, optimizer.momentum_update = quad_fit.quad_iteration, quad_fit.momentum_update
+            if native_quad and quad_fit.load_extension() is not None:
+                optimizer.quad_iteration, optimizer.momentum_update = quad_fit.quad_iteration, quad_fit.momentum_update
 
         def scaled_loss(model, x, y, masks, scale):
             loss, correct = loss_and_correct(fast(x, masks), y)

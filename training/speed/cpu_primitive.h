@@ -1,11 +1,16 @@
-// Evaluated MLX arrays read as row-major data, for the speed layer's primitives (native.cpp, quad_fit.cpp). Part of
-// both builds' cache keys (native.py).
+// What the speed layer's native primitives (native.cpp, quad_fit.cpp) share: their base class, and evaluated MLX
+// arrays read as row-major data. Part of both builds' cache keys (native.py).
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
+#include "mlx/allocator.h"
 #include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/primitives.h"
 
 namespace speed {
 
@@ -43,6 +48,26 @@ struct Dense {
 
   explicit Dense(const mlx::core::array& a) : data(a.data<T>()), shape(a.shape()), strides(a.strides()) {}
   const T* get() { return dense(data, shape, strides, storage); }
+};
+
+// The base of the primitives: they run on the CPU only; `encoder` allocates the outputs and gives the
+// stream's command encoder with the inputs and outputs registered.
+class CpuPrimitive : public mlx::core::Primitive {
+ public:
+  using mlx::core::Primitive::Primitive;
+
+  void eval_gpu(const std::vector<mlx::core::array>&, std::vector<mlx::core::array>&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU only");
+  }
+
+ protected:
+  mlx::core::cpu::CommandEncoder& encoder(const std::vector<mlx::core::array>& inputs, std::vector<mlx::core::array>& outputs) {
+    for (auto& o : outputs) o.set_data(mlx::core::allocator::malloc(o.nbytes()));
+    auto& encoder = mlx::core::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    for (auto& o : outputs) encoder.set_output_array(o);
+    return encoder;
+  }
 };
 
 }  // namespace speed
