@@ -173,7 +173,7 @@ def run(argv=None) -> int:
     reference = next(iter(trainers.values()))
     fast = isinstance(reference, FastTrainer)
     layout = f"{len(reference.streams)} CPU streams x 1 BLAS thread" if fast else "1 stream"
-    print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, {layout}, load average {os.getloadavg()[0]:.2f}")
+    print(f"device {mx.default_device()}, BLAS {fastblas.describe()}, {layout}, load average {os.getloadavg()[0]:.2f}")
 
     training_work, evaluation = train_work(cfg, reference, np.asarray(split[0])), eval_work(reference, np.asarray(split[2]))
     step_flops = sum(flops(shapes, True) for _, shapes in training_work) / steps

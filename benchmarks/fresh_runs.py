@@ -22,7 +22,7 @@ from config import Config, override, parse_value
 from training.loop import train
 cfg = override(Config(), {{k: parse_value(v) if isinstance(v, str) else v for k, v in {overrides!r}.items()}})
 summary = train(cfg, progress=False)
-print(json.dumps({{"blas": fastblas.LOADED, **{{k: summary[k] for k in {keys!r}}}}}))
+print(json.dumps({{"blas": fastblas.describe(), **{{k: summary[k] for k in {keys!r}}}}}))
 """
 
 
@@ -48,9 +48,11 @@ def parse_args(doc: str, argv=None):
 
 def measure(kind: str, setup: str, env: dict, overrides: dict) -> dict:
     """One fresh process of ``kind``: ``setup`` (code run after ``import fastblas``) and ``env`` (added to this
-    process's environment) make it that kind. Returns its times, final losses and BLAS."""
+    process's environment; a None value removes the variable) make it that kind. Returns its times, final losses
+    and BLAS."""
     code = CHILD.format(repo=str(REPO), setup=setup, overrides=overrides, keys=TIMES + METRICS)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    environment = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"error: a {kind} run failed: {last}")
@@ -80,7 +82,7 @@ def same_metrics(runs: list) -> bool:
 
 def report(runs: dict, args) -> None:
     """Print each kind's medians, whether its runs agreed to the last bit and its BLAS, then the first kind's
-    times over the second's."""
+    times over each other kind's."""
     print(f"default run{' with ' + ' '.join(args.set) if args.set else ''}: {args.epochs} epochs x "
           f"{args.repeats} alternating repeats, fresh processes")
     med = {kind: medians(rs) for kind, rs in runs.items()}
@@ -89,9 +91,10 @@ def report(runs: dict, args) -> None:
         print(f"  {kind:{width}s}  step {m['ms_per_step']:6.1f} ms   eval {m['ms_per_eval']:6.1f} ms   "
               f"wall {m['wall_s']:6.1f} s   same metrics in every run: {same_metrics(runs[kind])}   "
               f"({runs[kind][0]['blas']})")
-    (first, a), (second, b) = list(med.items())[:2]
-    print(f"  {first} / {second}: step {a['ms_per_step'] / b['ms_per_step']:.3f}   eval "
-          f"{a['ms_per_eval'] / b['ms_per_eval']:.3f}   wall {a['wall_s'] / b['wall_s']:.3f}")
+    (first, a), *others = med.items()
+    for other, b in others:
+        print(f"  {first} / {other}: step {a['ms_per_step'] / b['ms_per_step']:.3f}   eval "
+              f"{a['ms_per_eval'] / b['ms_per_eval']:.3f}   wall {a['wall_s'] / b['wall_s']:.3f}")
 
 
 def compare(kinds: dict, args, overrides: dict, same_across_kinds: bool = False) -> int:

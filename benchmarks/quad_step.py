@@ -137,7 +137,7 @@ def main_():
     for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
         if value < 1:
             parser.error(f"{flag}={value} must be >= 1")
-    print(f"device {mx.default_device()}, BLAS {fastblas.LOADED}, load average {os.getloadavg()[0]:.2f}")
+    print(f"device {mx.default_device()}, BLAS {fastblas.describe()}, load average {os.getloadavg()[0]:.2f}")
     report("(a) optimizer update, BLAS threads as set (min / median)",
            alternate_rounds({"adamw": update_only("adamw"), "quad": update_only("quad")}, args.steps, args.repeats))
     native = quad_fit.load_extension() is not None

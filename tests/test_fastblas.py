@@ -63,8 +63,24 @@ def test_a_blas_choice_by_kind_tries_only_that_kind(monkeypatch):
     tried.clear()
     assert fastblas.load_fast_blas("mkl") is None and tried == ["/prefix/lib/libmkl_rt.so.3", "libmkl_rt.so.2"]
     assert os.environ["MKL_THREADING_LAYER"] == "SEQUENTIAL"
+    monkeypatch.setattr(fastblas, "cpuinfo", lambda: INTEL)
     tried.clear()
     assert fastblas.load_fast_blas() is None and tried == ["/prefix/lib/libmkl_rt.so.3", *fastblas.CANDIDATES]
+    monkeypatch.setattr(fastblas, "cpuinfo", lambda: AMD)
+    tried.clear()
+    assert fastblas.load_fast_blas() is None and tried == [*fastblas.OPENBLAS, "/prefix/lib/libmkl_rt.so.3",
+                                                           "libmkl_rt.so.2", "libblis.so.4"]
+
+
+INTEL = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2\n\nprocessor\t: 1\nvendor_id\t: GenuineIntel\n"
+AMD = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f\n"
+
+
+def test_only_an_intel_cpu_counts_as_intel():
+    assert fastblas.intel_cpu(INTEL)
+    assert not fastblas.intel_cpu(AMD)
+    assert not fastblas.intel_cpu("")  # no /proc/cpuinfo, or another platform's
+    assert not fastblas.intel_cpu("processor\t: 0\nCPU implementer\t: 0x41\n")  # aarch64
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fastblas loads a BLAS on Linux only")
