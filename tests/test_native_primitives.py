@@ -131,11 +131,27 @@ def test_prefix_rows_read_in_place_equal_the_gathered_prefixes(extension):
      "each key part needs its values"),
     (lambda e: e.attention(mx.zeros((2, 1, 1, 8)), [mx.zeros((3, 2, 1, 8))], [mx.zeros((3, 2, 1, 8))], 1.0,
                            mx.array([0, 1, 2])), "rows must be a (B,) array"),
+    (lambda e: e.attention(mx.zeros((2, 1, 1, 8)), [mx.zeros((3, 2, 1, 8))], [mx.zeros((2, 2, 1, 8))], 1.0,
+                           mx.array([0, 1])), "the same rows"),
 ])
 def test_bad_input_gets_a_one_line_error(extension, call, message):
     with pytest.raises(ValueError) as error:
         call(extension)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("row", [3, -1])
+def test_a_row_outside_the_prefix_cache_is_a_one_line_error_not_a_read_out_of_bounds(extension, row):
+    q, cache = mx.ones((2, 1, 1, 8)), mx.ones((3, 2, 1, 8))
+    out, _ = extension.attention(q, [cache, mx.ones((2, 1, 1, 8))], [cache, mx.ones((2, 1, 1, 8))], 1.0,
+                                 mx.array([0, row]))
+    with pytest.raises(RuntimeError) as error:  # known once evaluated; MLX raises the task's error
+        mx.eval(out)
+    message = str(error.value)
+    assert f"rows[1] = {row} must name one of the 3 rows" in message and "\n" not in message
+    good, _ = extension.attention(q, [cache, mx.ones((2, 1, 1, 8))], [cache, mx.ones((2, 1, 1, 8))], 1.0,
+                                  mx.array([0, 2]))
+    assert mx.allclose(good, mx.ones((2, 1, 1, 8))).item()  # the stream works on after the error
 
 
 def model_and_tokens(dim=32, heads=2, depth=3, rows=16):

@@ -105,6 +105,19 @@ float dot(const float* a, const float* b, int d) {
   return sum;
 }
 
+// With `rows`, that each of the B rows names a row of `part` (their values are only known in the task; MLX
+// raises the error on the main thread at the next evaluation).
+void check_rows(const View& part, int64_t B) {
+  if (!part.rows) return;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r = part.rows[b * part.rows_stride];
+    if (r < 0 || r >= part.shape[0])
+      throw std::out_of_range("attention's rows[" + std::to_string(b) + "] = " + std::to_string(r) +
+                              " must name one of the " + std::to_string(part.shape[0]) +
+                              " rows of the first key and value parts");
+  }
+}
+
 // Pointers to key / value j of (row b, head h) over the parts, in sequence order.
 void gather_rows(const std::vector<View>& parts, int64_t b, int64_t h, std::vector<const float*>& out) {
   out.clear();
@@ -193,6 +206,7 @@ class Attention : public CpuPrimitive {
     encoder.dispatch([q = view_of(q), keys = std::move(keys), values = std::move(values), B = q.shape(0),
                       H = q.shape(2), d = static_cast<int>(q.shape(3)), out = out.data<float>(),
                       probs = probs.data<float>(), scale = scale_]() mutable {
+      check_rows(keys[0], B);
       q.unit_inner();
       for (auto* parts : {&keys, &values})
         for (View& p : *parts) p.unit_inner();
@@ -298,6 +312,8 @@ std::vector<mx::array> attention(const mx::array& q, const std::vector<mx::array
   if (rows) {
     if (rows->ndim() != 1 || rows->shape(0) != B)
       throw std::invalid_argument("rows must be a (B,) array, one row of the first parts per query row");
+    if (values[0].shape(0) != keys[0].shape(0))
+      throw std::invalid_argument("the first key and value parts must have the same rows");
     inputs.push_back(mx::astype(*rows, mx::int32, s));
   }
   for (const auto& a : keys) Lk += a.shape(1);
