@@ -6,11 +6,12 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+import fastblas
 import main
 from config import Config, config_from_dict, override
 from main import parse_args
 from optimizers import OPTIMIZERS
-from training.loop import train
+from training.loop import build_trainer, train
 from training.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +158,11 @@ def test_small_run_groks_and_writes_results_files(tmp_path):
     assert summary["epochs_to_99"] - train_saturated >= 10
     assert summary["ms_per_step"] > 0 and summary["wall_s"] > 0
     assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 3e-3
+    # What the timings were measured on.
+    assert summary["platform"]["mlx"] == mx.__version__ and summary["platform"]["blas"] == fastblas.describe()
+    assert summary["platform"]["trainer"] == type(build_trainer(override(Config(), GROKS))).__name__
+    assert summary["platform"]["device"] == str(mx.default_device()) and summary["platform"]["cores"] >= 1
+    assert summary["platform"]["cpu"]
 
 
 def test_rerun_into_the_same_directory_replaces_results(tmp_path):
@@ -202,9 +208,13 @@ def test_summary_records_several_thresholds_and_the_sustained_time(tmp_path):
     for percent in (90, 95, 99):
         first = next((r for r in rows if r["val_acc"] >= percent / 100), None)
         assert summary[f"steps_to_{percent}"] == (first and first["step"])
-    sustained = next(r for i, r in enumerate(rows) if all(x["val_acc"] >= 0.95 for x in rows[i:]))
-    assert (summary["epochs_sustained_95"], summary["steps_sustained_95"]) == (sustained["epoch"], sustained["step"])
-    assert summary["steps_sustained_95"] >= summary["steps_to_95"]
+    assert summary["steps_to_95"] is not None  # the run groks, so the thresholds are put to the test
+    # Whether the last evaluations stay at 95 % depends on the BLAS's rounding (with OpenBLAS's AVX-512 kernels on an
+    # AMD EPYC the last one dipped to 94.3 %): either way the summary must say what the rows say.
+    sustained = next((r for i, r in enumerate(rows) if all(x["val_acc"] >= 0.95 for x in rows[i:])), None)
+    expected = (sustained["epoch"], sustained["step"]) if sustained else (None, None)
+    assert (summary["epochs_sustained_95"], summary["steps_sustained_95"]) == expected
+    assert sustained is None or summary["steps_sustained_95"] >= summary["steps_to_95"]
 
 
 @pytest.mark.parametrize("argv, message", [

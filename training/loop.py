@@ -9,6 +9,8 @@ dropout masks and sums, so the metrics equal the uninterrupted run's.
 """
 import dataclasses
 import math
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 import data
+import fastblas
 import models
 from config import Config, config_hash, flatten_dict
 from training import checkpoints, rundir
@@ -281,7 +284,7 @@ def _run(loop: Loop, hooks, progress, x_train, y_train, x_val, y_val, fresh: boo
     loop.finished = True
     for hook in hooks:
         hook.at_end(loop)
-    summary = summarize(loop)
+    summary = dict(summarize(loop), platform=platform_info(trainer))
     if writer is not None:
         writer.finish()
     if loop.out is not None:
@@ -289,8 +292,17 @@ def _run(loop: Loop, hooks, progress, x_train, y_train, x_val, y_val, fresh: boo
     return summary
 
 
+def platform_info(trainer: Trainer) -> dict:
+    """What the run's timings were measured on: MLX, its device, the trainer, the BLAS (with OpenBLAS's kernels), the
+    CPU and its cores."""
+    cpu = next((line.partition(":")[2].strip() for line in fastblas.cpuinfo().splitlines()
+                if line.startswith("model name")), None) or platform.processor() or platform.machine()
+    return dict(mlx=mx.__version__, device=str(mx.default_device()), trainer=type(trainer).__name__,
+                blas=fastblas.describe(), cpu=cpu, cores=os.cpu_count())
+
+
 def summarize(loop: Loop) -> dict:
-    """The run's ``summary.json``."""
+    """The run's ``summary.json`` but its ``platform`` (``platform_info``, added by ``_run``)."""
     metrics, cfg = loop.metrics, loop.cfg
     reached = {}
     for threshold in THRESHOLDS:  # seconds: the elapsed_s of that evaluation (wall clock, evaluations included)
