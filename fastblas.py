@@ -87,7 +87,9 @@ def describe() -> str | None:
         return LOADED
     lib.openblas_get_corename.restype = lib.openblas_get_config.restype = ctypes.c_char_p
     version = lib.openblas_get_config().decode().split()[1]
-    return f"{LOADED} (OpenBLAS {version}, {lib.openblas_get_corename().decode()} kernels)"
+    core = os.environ.get("OPENBLAS_CORETYPE")
+    chosen = f", as OPENBLAS_CORETYPE={core} asks" if core is not None else ""
+    return f"{LOADED} (OpenBLAS {version}, {lib.openblas_get_corename().decode()} kernels{chosen})"
 
 
 LOADED = None

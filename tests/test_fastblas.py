@@ -1,5 +1,6 @@
 """Which BLAS ``fastblas`` loads, and the trainer's control of its threads."""
 import os
+import platform
 import subprocess
 import sys
 import sysconfig
@@ -90,3 +91,21 @@ def test_a_library_that_is_no_blas_is_not_taken_for_one():
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "error: GROKKING_BLAS='libc.so.6' could not be loaded; give openblas, mkl (installed by "
         "requirements-mkl.txt) or a BLAS library's name or path"]
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="OpenBLAS's x86-64 kernel sets")
+def test_describe_names_openblas_kernels_and_who_chose_them():
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"} | {"GROKKING_BLAS": "openblas"}
+
+    def describe(**extra):
+        code = "import fastblas; print(fastblas.describe())"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent, env=env | extra)
+    chosen = describe(OPENBLAS_CORETYPE="Prescott")  # SSE3 kernels: any x86-64 CPU runs them
+    if chosen.returncode != 0:
+        pytest.skip("no OpenBLAS installed")
+    assert "(OpenBLAS 0." in chosen.stdout
+    assert chosen.stdout.strip().endswith(" Prescott kernels, as OPENBLAS_CORETYPE=Prescott asks)")
+    own = describe().stdout.strip()
+    assert own.endswith(" kernels)") and "asks" not in own
