@@ -38,6 +38,7 @@ def intel_cpu(cpuinfo: str) -> bool:
 
 
 def cpuinfo() -> str:
+    """The text of ``/proc/cpuinfo``, or "" where there is none."""
     try:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -48,7 +49,8 @@ def load_fast_blas(choice: str | None = None) -> str | None:
     """Load the first optimized BLAS found into the global scope; return its name or None. ``choice``
     (``GROKKING_BLAS``): ``openblas`` or ``mkl`` for the first of that kind, else a library's name or path.
     Without a choice, a pip-installed MKL comes first on an Intel CPU, and after OpenBLAS on others: on this
-    project's AMD EPYC it ran the default run's steps 1.39x slower than OpenBLAS (README)."""
+    project's AMD EPYC it ran the default run's steps slower than OpenBLAS, 1.11x against its AVX2 kernels and 1.39x
+    against the AVX-512 ones it picks there itself (README)."""
     mkl = pip_mkl()
     kinds = {"openblas": OPENBLAS, "mkl": (*mkl, "libmkl_rt.so.2")}
     if choice is not None:
@@ -80,8 +82,8 @@ def threads() -> tuple:
 
 
 def describe() -> str | None:
-    """The loaded BLAS for a benchmark's header: its name and, for OpenBLAS, its version and the kernels it runs
-    (``OPENBLAS_CORETYPE``, where set, chooses them)."""
+    """The loaded BLAS as the benchmarks' headers and ``summary.json`` name it: its name and, for OpenBLAS, its version
+    and the kernels it runs (``OPENBLAS_CORETYPE``, where set, chooses them); None without one."""
     lib = ctypes.CDLL(LOADED) if LOADED else None
     if lib is None or not hasattr(lib, "openblas_get_corename"):
         return LOADED
