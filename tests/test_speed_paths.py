@@ -1,7 +1,7 @@
 """The Linux-CPU speed layer equals the plain path: the fused SiLU kernels vs ``nn.silu``, ``FastModel`` (pruned
 last block, per-token q/k/v, shared prefixes) vs the plain ``Transformer``, a batch split over two CPU streams
-vs the whole batch vs the plain Trainer's step, evaluation on streams vs the plain evaluation, and an epoch
-with masks drawn ahead vs its steps one by one."""
+vs the whole batch vs the plain Trainer's step, evaluation on streams vs the plain evaluation, an epoch
+with masks drawn ahead vs its steps one by one, and the optimizers' updates spread over the streams vs on one."""
 import os
 import platform
 import shutil
@@ -24,7 +24,8 @@ from models import ModelConfig, Transformer
 from training import trainer as plain
 from training.speed import kernels
 from training.speed.model import FastModel
-from training.speed.trainer import FastTrainer, shared_prefixes
+from optimizers import OPTIMIZERS
+from training.speed.trainer import FastTrainer, shared_prefixes, updates_on_streams
 
 SMALL = {"data.p": 11, "model.dim": 32, "model.heads": 2, "train.batch_size": 32}
 
@@ -361,3 +362,46 @@ def test_flags_the_compiler_refuses_leave_mlxs_own_build(tmp_path, monkeypatch):
     before = dict(os.environ)
     assert not compiler.build_kernels_for_this_cpu(flags=("--no-such-flag",))
     assert dict(os.environ) == before and not list(tmp_path.glob("mlx-kernels-*/bin/g++*"))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_updates_spread_over_the_streams_give_the_bits_of_one_stream(name):
+    """Every registered optimizer (QUAD's groups, the others' parameters, Muon's two optimizers): three steps with the
+    updates on the trainer's two streams and on the default one give the same parameters and state, to the bit."""
+    cfg = override(Config(), {**SMALL, "optim.name": name}).resolved()
+    x_train, y_train, _, _ = map(mx.array, data.split(cfg.data, np.random.default_rng(0)))
+    order = mx.array(np.random.default_rng(1).permutation(len(y_train))[:96])
+    trainers = [FastTrainer(cfg, spread_updates=spread) for spread in (True, False)]
+    for trainer in trainers:
+        mx.random.seed(5)
+        mx.eval(trainer.steps(x_train, y_train, order, cfg.train.batch_size), trainer.state)
+    spread, single = (dict(tree_flatten([t.model.parameters(), t.optimizer.state])) for t in trainers)
+    assert spread.keys() == single.keys()
+    for key, a in spread.items():
+        assert mx.array_equal(a, single[key]).item(), key
+
+
+def test_updates_on_streams_puts_the_largest_parameters_first_on_the_least_loaded_stream():
+    streams = [mx.new_stream(mx.cpu) for _ in range(2)]
+    parameters = {"a": mx.zeros((8,)), "b": mx.zeros((5,)), "c": mx.zeros((4,)), "d": mx.zeros((3,))}
+    stranger = mx.zeros((2,))  # not in the tree: stays on the stream in use
+    optimizer = optim.MultiOptimizer([optim.SGD(0.1), optim.Adam(0.1)], [lambda path, p: path in ("a", "c")])
+    seen = {}
+
+    def record(optimizer):
+        def apply_single(gradient, parameter, state):
+            seen[id(parameter)] = mx.default_stream(mx.cpu)
+            return parameter
+        return apply_single
+    for inner in optimizer.optimizers:  # the instances' own, which the block must restore
+        inner.apply_single = record(inner)
+    before = [inner.apply_single for inner in optimizer.optimizers]
+    with updates_on_streams(optimizer, parameters, streams):
+        grads = {k: mx.ones_like(v) for k, v in parameters.items()}
+        optimizer.apply_gradients(grads, parameters)
+        optimizer.optimizers[0].apply_single(mx.ones((2,)), stranger, {})
+    # 8 -> first stream, 5 -> second, 4 -> second (5 < 8), 3 -> first (8 < 9)
+    expected = {"a": streams[0], "b": streams[1], "c": streams[1], "d": streams[0]}
+    assert {k: seen[id(v)] for k, v in parameters.items()} == expected
+    assert seen[id(stranger)] == mx.default_stream(mx.cpu)
+    assert [inner.apply_single for inner in optimizer.optimizers] == before

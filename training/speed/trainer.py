@@ -13,7 +13,8 @@ There MLX runs each stream's elementwise work on one thread, so:
   1.2e-38 and keeps late, weight-decay-free training from slowing down severalfold;
 - MLX's fused kernels are built for this CPU (``compiler.build_kernels_for_this_cpu``);
 - QUAD fits its preconditioner and steps its momentum with the native primitives of ``quad_fit`` where they
-  build.
+  build, its parameter groups spread over the two streams; every other optimizer's per-parameter updates are spread
+  over them alike (``updates_on_streams``).
 """
 import contextlib
 import ctypes
@@ -25,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 import fastblas
 from config import Config
@@ -91,6 +92,36 @@ def flush_subnormals() -> bool:
     return libm.fesetenv(env) == 0
 
 
+@contextlib.contextmanager
+def updates_on_streams(optimizer: optim.Optimizer, parameters: dict, streams: list):
+    """Within the block, ``optimizer`` (each of a ``MultiOptimizer``'s) runs each parameter's ``apply_single`` on one
+    of ``streams``: the largest parameters first, each to the least loaded stream, as QUAD spreads its groups. The
+    parameters are known by identity, the leaves of ``parameters`` (those ``Optimizer.update(model, ...)`` passes on);
+    any other runs on the stream in use. The same operations, so the same bits, as on one stream: MLX runs each
+    stream's element-wise work on one thread, and Muon's orthogonalisation is ~20 products per matrix."""
+    load, stream_of = [0] * len(streams), {}
+    for _, parameter in sorted(tree_flatten(parameters), key=lambda leaf: -leaf[1].size):
+        j = load.index(min(load))
+        load[j] += parameter.size
+        stream_of[id(parameter)] = streams[j]
+    targets = getattr(optimizer, "optimizers", [optimizer])
+    plain = [t.apply_single for t in targets]  # bound methods: the class's, or an instance's own
+
+    def on_stream(apply_single):
+        def apply(gradient, parameter, state):
+            stream = stream_of.get(id(parameter))
+            with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+                return apply_single(gradient, parameter, state)
+        return apply
+    for t, apply_single in zip(targets, plain):
+        t.apply_single = on_stream(apply_single)
+    try:
+        yield
+    finally:
+        for t, apply_single in zip(targets, plain):
+            t.apply_single = apply_single
+
+
 def shared_prefixes(tokens: np.ndarray):
     """``(P, prefixes, inverse)`` for the prefix length ``P`` that leaves the fewest positions to compute
     when each distinct prefix ``prefixes[u]`` of ``tokens[:, :P]`` is computed once (``inverse`` maps
@@ -109,10 +140,12 @@ class FastTrainer(Trainer):
     """The Trainer's interface; the model's parameters run through ``FastModel``."""
 
     def __init__(self, cfg: Config, optimizer: Optional[optim.Optimizer] = None, streams: int = 2,
-                 native_masks: bool = True, native_quad: bool = True):
+                 native_masks: bool = True, native_quad: bool = True, spread_updates: bool = True):
         """``streams``: how many CPU streams a batch and an evaluation are split over (1: no split);
         ``native_masks``: draw the dropout masks with ``NativeMasks`` where it builds (else with MLX);
-        ``native_quad``: QUAD's preconditioner fits and momentum by ``quad_fit``'s primitives where they build."""
+        ``native_quad``: QUAD's preconditioner fits and momentum by ``quad_fit``'s primitives where they build;
+        ``spread_updates``: the optimizer's updates spread over the streams (QUAD's groups, others' parameters), else
+        on the default stream."""
         build_kernels_for_this_cpu()  # before the first fused kernel is built
         super().__init__(cfg, optimizer)
         model, optimizer = self.model, self.optimizer
@@ -122,8 +155,9 @@ class FastTrainer(Trainer):
         self.native_masks = NativeMasks.build() if native_masks and cfg.model.dropout > 0 else None
         self.mask_stream = mx.new_stream(mx.cpu)
         keep_freed_memory()
-        if isinstance(optimizer, QUAD):  # its parameter groups over the same streams; its fit and momentum native
-            optimizer.streams = self.streams
+        quad = isinstance(optimizer, QUAD)
+        if quad:  # its parameter groups over the same streams; its fit and momentum native
+            optimizer.streams = self.streams if spread_updates else None
             if native_quad and quad_fit.load_extension() is not None:
                 optimizer.quad_iteration, optimizer.momentum_update = quad_fit.quad_iteration, quad_fit.momentum_update
 
@@ -150,7 +184,10 @@ class FastTrainer(Trainer):
             for part_loss, part_correct, part_grads in parts[1:]:
                 loss, correct = loss + part_loss, correct + part_correct
                 grads = tree_map(mx.add, grads, part_grads)
-            optimizer.update(model, grads)
+            spread = spread_updates and not quad and len(self.streams) > 1
+            with updates_on_streams(optimizer, model.trainable_parameters(), self.streams) if spread \
+                    else contextlib.nullcontext():
+                optimizer.update(model, grads)
             return loss, correct
 
         def step(x, y, masks):
