@@ -405,3 +405,7 @@ def test_updates_on_streams_puts_the_largest_parameters_first_on_the_least_loade
     assert {k: seen[id(v)] for k, v in parameters.items()} == expected
     assert seen[id(stranger)] == mx.default_stream(mx.cpu)
     assert [inner.apply_single for inner in optimizer.optimizers] == before
+    plain = optim.SGD(0.1)  # the class's method: no instance attribute left behind
+    with updates_on_streams(plain, parameters, streams):
+        assert "apply_single" in vars(plain)
+    assert "apply_single" not in vars(plain)

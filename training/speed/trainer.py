@@ -105,7 +105,7 @@ def updates_on_streams(optimizer: optim.Optimizer, parameters: dict, streams: li
         load[j] += parameter.size
         stream_of[id(parameter)] = streams[j]
     targets = getattr(optimizer, "optimizers", [optimizer])
-    plain = [t.apply_single for t in targets]  # bound methods: the class's, or an instance's own
+    own = [vars(t).get("apply_single") for t in targets]  # an instance's own, else None (the class's)
 
     def on_stream(apply_single):
         def apply(gradient, parameter, state):
@@ -113,13 +113,16 @@ def updates_on_streams(optimizer: optim.Optimizer, parameters: dict, streams: li
             with mx.stream(stream) if stream is not None else contextlib.nullcontext():
                 return apply_single(gradient, parameter, state)
         return apply
-    for t, apply_single in zip(targets, plain):
-        t.apply_single = on_stream(apply_single)
+    for t in targets:
+        t.apply_single = on_stream(t.apply_single)
     try:
         yield
     finally:
-        for t, apply_single in zip(targets, plain):
-            t.apply_single = apply_single
+        for t, apply_single in zip(targets, own):
+            if apply_single is None:
+                del t.apply_single
+            else:
+                t.apply_single = apply_single
 
 
 def shared_prefixes(tokens: np.ndarray):
