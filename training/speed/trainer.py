@@ -116,7 +116,7 @@ def updates_on_streams(optimizer: optim.Optimizer, parameters: dict, streams: li
     for t in targets:
         t.apply_single = on_stream(t.apply_single)
     try:
-        yield
+        yield stream_of
     finally:
         for t, apply_single in zip(targets, own):
             if apply_single is None:
@@ -184,13 +184,22 @@ class FastTrainer(Trainer):
         @partial(mx.compile, inputs=self.state, outputs=self.state)
         def update(parts):
             loss, correct, grads = parts[0]
-            for part_loss, part_correct, part_grads in parts[1:]:
+            for part_loss, part_correct, _ in parts[1:]:
                 loss, correct = loss + part_loss, correct + part_correct
-                grads = tree_map(mx.add, grads, part_grads)
-            spread = spread_updates and not quad and len(self.streams) > 1
-            with updates_on_streams(optimizer, model.trainable_parameters(), self.streams) if spread \
-                    else contextlib.nullcontext():
+            if not (spread_updates and not quad and len(self.streams) > 1):
+                for _, _, part_grads in parts[1:]:
+                    grads = tree_map(mx.add, grads, part_grads)
                 optimizer.update(model, grads)
+                return loss, correct
+            params = model.trainable_parameters()
+            with updates_on_streams(optimizer, params, self.streams) as stream_of:
+                def add(parameter, *halves):  # each parameter's gradient summed where its update runs
+                    with mx.stream(stream_of[id(parameter)]):
+                        total = halves[0]
+                        for half in halves[1:]:
+                            total = total + half
+                        return total
+                optimizer.update(model, tree_map(add, params, *[g for _, _, g in parts]))
             return loss, correct
 
         def step(x, y, masks):
