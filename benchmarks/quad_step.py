@@ -36,10 +36,9 @@ from mlx.utils import tree_map  # noqa: E402
 import models  # noqa: E402
 from config import Config, override  # noqa: E402
 from optimizers import OptimConfig, build_optimizer  # noqa: E402
-from optimizers.quad import momentum_update, quad_iteration  # noqa: E402
 from training.loop import build_trainer  # noqa: E402
 from training.speed import quad_fit  # noqa: E402
-from training.speed.trainer import blas_threads  # noqa: E402
+from training.speed.trainer import FastTrainer, blas_threads  # noqa: E402
 
 from rounds import alternate_rounds  # noqa: E402
 
@@ -56,7 +55,7 @@ def update_only(name: str, streams: int = 0, native_fit: bool = False):
     if streams:
         optimizer.streams = [mx.new_stream(mx.cpu) for _ in range(streams)]
     if native_fit:
-        optimizer.quad_iteration, optimizer.momentum_update = quad_fit.quad_iteration, quad_fit.momentum_update
+        quad_fit.install(optimizer)
     optimizer.init(params)
     state = [optimizer.state]
     step = mx.compile(lambda g, p: optimizer.apply_gradients(g, p), inputs=state, outputs=state)
@@ -68,15 +67,19 @@ def update_only(name: str, streams: int = 0, native_fit: bool = False):
     return run
 
 
+def trainer_for(name: str, streams: bool = True, native_fit: bool = True):
+    """The trainer ``train`` builds for optimizer ``name``; on the speed layer, with the update on the default stream
+    rather than spread over the trainer's (if not ``streams``) and QUAD's plain fit and momentum rather than the
+    native ones (if not ``native_fit``)."""
+    cfg = override(Config(), {"optim.name": name})
+    if not training.speed.available():
+        return build_trainer(cfg)
+    return FastTrainer(cfg, native_quad=native_fit, spread_updates=streams)
+
+
 def train_step(name: str, streams: bool = True, native_fit: bool = True):
-    """One ``Trainer.step`` on a fixed random batch; QUAD on the trainer's streams (as ``train`` runs it)
-    or, if not ``streams``, on the default stream; with the speed layer's native preconditioner fit (as
-    ``train`` runs it) or, if not ``native_fit``, the plain one."""
-    trainer = build_trainer(override(Config(), {"optim.name": name}))
-    if not streams and hasattr(trainer.optimizer, "streams"):
-        trainer.optimizer.streams = None
-    if not native_fit and hasattr(trainer.optimizer, "quad_iteration"):
-        trainer.optimizer.quad_iteration, trainer.optimizer.momentum_update = quad_iteration, momentum_update
+    """One ``Trainer.step`` on a fixed random batch, by ``trainer_for(name, streams, native_fit)``."""
+    trainer = trainer_for(name, streams, native_fit)
     x = mx.random.randint(0, VOCAB, (BATCH, SEQ))
     y = mx.random.randint(0, VOCAB, (BATCH,))
 
@@ -88,10 +91,9 @@ def train_step(name: str, streams: bool = True, native_fit: bool = True):
 
 def train_epoch(name: str, batches: int, native_fit: bool = True):
     """``Trainer.steps`` over ``batches`` batches of a fixed random data set, as ``training.loop.train`` runs an
-    epoch (each step's evaluation started asynchronously, the next step built meanwhile), evaluated at the end."""
-    trainer = build_trainer(override(Config(), {"optim.name": name}))
-    if not native_fit and hasattr(trainer.optimizer, "quad_iteration"):
-        trainer.optimizer.quad_iteration, trainer.optimizer.momentum_update = quad_iteration, momentum_update
+    epoch (each step's evaluation started asynchronously, the next step built meanwhile), evaluated at the end;
+    by ``trainer_for(name, native_fit=native_fit)``."""
+    trainer = trainer_for(name, native_fit=native_fit)
     x = mx.random.randint(0, VOCAB, (batches * BATCH, SEQ))
     y = mx.random.randint(0, VOCAB, (batches * BATCH,))
     order = mx.arange(batches * BATCH)

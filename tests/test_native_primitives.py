@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 import data
 from config import Config, override
 from models import ModelConfig, Transformer
+from numerics import rel_err
 from training.speed import kernels, native
 from training.speed.model import FastModel, attend
 from training.speed.trainer import FastTrainer
@@ -30,13 +31,6 @@ def extension():
     module = native.load_extension()
     assert module is not None, "nanobind is in requirements.txt: the extension should build here"
     return module
-
-
-def rel_err(a, b) -> float:
-    """Largest absolute difference relative to the largest reference magnitude (absolute where that is 0: a
-    query with one key has no gradient)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / (np.abs(b).max() or 1.0))
 
 
 def heads_last(*shape, seed=0):

@@ -73,9 +73,8 @@ def replay(dtype, fit="plain"):
     lr = mx.array(3e-3, dtype=mx.float64) if dtype == mx.float64 else 3e-3
     optimizer = QUAD(learning_rate=lr, **GROKKING)
     if fit == "native":
-        if quad_fit.load_extension() is None:
+        if not quad_fit.install(optimizer):
             pytest.skip("the native fit does not build here (no g++, nanobind or CBLAS)")
-        optimizer.quad_iteration, optimizer.momentum_update = quad_fit.quad_iteration, quad_fit.momentum_update
     names = [f"s{k:02d}" for k in range(len(SHAPES))]
     structures = [gradient_structure(k, s) for k, s in enumerate(SHAPES)]
     params = {n: mx.array(initial_parameter(k, s).astype(np.float64), dtype=dtype)

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten, tree_map
 
 import data
 from config import Config, override
+from numerics import rel_err
 from optimizers.quad import QUAD, momentum_update as plain_momentum_update, quad_iteration as plain_iteration
 from training.speed import quad_fit
 from training.speed.trainer import FastTrainer
@@ -30,11 +31,6 @@ def extension():
     module = quad_fit.load_extension()
     assert module is not None, "nanobind is in requirements.txt and fastblas loads a CBLAS: it should build here"
     return module
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / (np.abs(b).max() or 1.0))
 
 
 def stack(S, m, n, diag, dtype, seed=0):
@@ -192,7 +188,7 @@ def test_the_trainer_fits_quad_natively_and_follows_the_plain_fit(extension):
 
 
 def test_without_the_extension_the_plain_function_runs(monkeypatch):
-    monkeypatch.setattr(quad_fit, "import_extension", lambda source, name: None)
+    monkeypatch.setattr(quad_fit, "import_extension", lambda source, name, probe: None)
     quad_fit.load_extension.cache_clear()
     try:
         G, Q, L = stack(2, 5, 4, (False, True), mx.float32)

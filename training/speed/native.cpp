@@ -41,26 +41,6 @@ namespace {
 using speed::CpuPrimitive;
 using speed::Dense;
 
-// A 4-d float32 array's data as row-major: `data` itself, or a copy in `storage` when its strides differ.
-const float* row_major(const float* data, const mx::Shape& shape, const mx::Strides& strides,
-                       std::vector<float>& storage) {
-  int64_t expected = 1;
-  bool dense = true;
-  for (int axis = 3; axis >= 0; --axis) {
-    dense = dense && (shape[axis] == 1 || strides[axis] == expected);
-    expected *= shape[axis];
-  }
-  if (dense) return data;
-  storage.resize(expected);
-  float* out = storage.data();
-  for (int a = 0; a < shape[0]; ++a)
-    for (int b = 0; b < shape[1]; ++b)
-      for (int c = 0; c < shape[2]; ++c)
-        for (int e = 0; e < shape[3]; ++e)
-          *out++ = data[a * strides[0] + b * strides[1] + c * strides[2] + e * strides[3]];
-  return storage.data();
-}
-
 // A (B, L, H, d) float32 array read in place: its data and its strides along B, L and H, with unit stride
 // along d (see unit_inner); with `rows`, row b of it is row rows[b] of the array (a prefix cache shared by many
 // rows). Strides are only known once the array is evaluated: views are made in eval_cpu, and the data is read
@@ -78,7 +58,7 @@ struct View {
   // Copies the array to row-major storage if its stride along d is not 1 (the kernels' inner loops need it).
   void unit_inner() {
     if (strides[3] != 1) {
-      data = row_major(data, shape, strides, storage);
+      data = speed::dense(data, shape, strides, storage);
       strides = {int64_t(shape[1]) * shape[2] * shape[3], int64_t(shape[2]) * shape[3], shape[3], 1};
     }
   }
@@ -255,7 +235,7 @@ class AttentionBackward : public CpuPrimitive {
                       d = static_cast<int>(q.shape(3)), dq = outputs[0].data<float>(),
                       dk = outputs[1].data<float>(), dv = outputs[2].data<float>(), scale = scale_]() mutable {
       for (View* a : {&q, &k, &v, &g}) a->unit_inner();
-      const float* probs = row_major(p.data, p.shape, p.strides, p.storage);
+      const float* probs = speed::dense(p.data, p.shape, p.strides, p.storage);
       const int Lq = q.length(), Lk = k.length();
       std::vector<float> ds(Lq * Lk);
       std::vector<const float*> qs(Lq), ks(Lk), vs(Lk), gs(Lq);

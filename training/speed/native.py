@@ -22,7 +22,7 @@ import importlib.util
 import sysconfig
 from pathlib import Path
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
@@ -53,9 +53,10 @@ def build_options() -> Optional[tuple]:
                      *(header.read_text() for header in HEADERS))
 
 
-def import_extension(source: Path, name: str) -> Optional[ModuleType]:
+def import_extension(source: Path, name: str, probe: Callable[[ModuleType], bool]) -> Optional[ModuleType]:
     """The nanobind module ``name`` that ``source`` defines, built (once per machine) and imported, or None where it
-    does not build or load."""
+    does not build or load, or ``probe(module)`` is false. The probe makes one call with MLX arrays: a nanobind
+    whose ABI differs from MLX's loads, but does not know mx.array (a TypeError)."""
     options = build_options()
     path = options and build_library(source, options=options[0], identity=options[1])
     if not path:
@@ -64,21 +65,19 @@ def import_extension(source: Path, name: str) -> Optional[ModuleType]:
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    except (ImportError, OSError):
+        return module if probe(module) else None
+    except (ImportError, OSError, TypeError):
         return None
-    return module
 
 
 @functools.lru_cache(maxsize=None)
 def load_extension() -> Optional[ModuleType]:
     """``native.cpp`` built (once per machine) and imported (once per process), or None."""
-    module = import_extension(SOURCE, MODULE)
-    try:
-        # A nanobind whose ABI differs from MLX's loads but does not know mx.array: try one call.
-        module and module.attention(mx.zeros((1, 1, 1, 1)), [mx.zeros((1, 1, 1, 1))], [mx.zeros((1, 1, 1, 1))], 1.0)
-    except TypeError:
-        return None
-    return module
+    def probe(module) -> bool:
+        one = mx.zeros((1, 1, 1, 1))
+        module.attention(one, [one], [one], 1.0)
+        return True
+    return import_extension(SOURCE, MODULE, probe)
 
 
 @functools.lru_cache(maxsize=None)

@@ -127,6 +127,8 @@ struct Settings {
   int slices, m, n;
   bool diag_left, diag_right;
   double precond_lr, precond_beta, target_left, target_right;
+
+  bool operator==(const Settings&) const = default;
 };
 
 // lipschitz_step: the Lipschitz estimate L updated from `ell` and the step size a, or L as it was and a = 0.
@@ -279,10 +281,7 @@ class QuadFit : public CpuPrimitive {
   const char* name() const override { return "QuadFit"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
-    const Settings& o = static_cast<const QuadFit&>(other).s_;
-    return s_.slices == o.slices && s_.m == o.m && s_.n == o.n && s_.diag_left == o.diag_left &&
-           s_.diag_right == o.diag_right && s_.precond_lr == o.precond_lr && s_.precond_beta == o.precond_beta &&
-           s_.target_left == o.target_left && s_.target_right == o.target_right;
+    return s_ == static_cast<const QuadFit&>(other).s_;
   }
 
  private:

@@ -27,17 +27,23 @@ MODULE = "_quad_fit"  # the name NB_MODULE gives it in quad_fit.cpp
 @functools.lru_cache(maxsize=None)
 def load_extension() -> Optional[ModuleType]:
     """``quad_fit.cpp`` built (once per machine) and imported (once per process), or None (also without a CBLAS)."""
-    module = import_extension(SOURCE, MODULE)
-    try:
-        if module is None or not module.available():
-            return None
+    def probe(module) -> bool:
+        if not module.available():
+            return False
         one = mx.ones((1,))
-        # A nanobind whose ABI differs from MLX's loads but does not know mx.array: try one call.
         module.quad_fit(mx.ones((1, 1, 1)), one[None], one[None], one, one, one, one, one, mx.array([True]),
                         0.5, 0.5, 1.0, 1.0)
-    except TypeError:
-        return None
-    return module
+        return True
+    return import_extension(SOURCE, MODULE, probe)
+
+
+def install(optimizer) -> bool:
+    """Give a QUAD ``optimizer`` the native fit and momentum (before its step is traced); False, and the optimizer
+    as it was, where they do not build."""
+    if load_extension() is None:
+        return False
+    optimizer.quad_iteration, optimizer.momentum_update = quad_iteration, momentum_update
+    return True
 
 
 def per_slice(x, slices: int, dtype: mx.Dtype) -> mx.array:

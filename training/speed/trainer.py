@@ -159,10 +159,11 @@ class FastTrainer(Trainer):
         self.mask_stream = mx.new_stream(mx.cpu)
         keep_freed_memory()
         quad = isinstance(optimizer, QUAD)
+        spread_parameters = spread_updates and not quad and len(self.streams) > 1  # updates_on_streams
         if quad:  # its parameter groups over the same streams; its fit and momentum native
             optimizer.streams = self.streams if spread_updates else None
-            if native_quad and quad_fit.load_extension() is not None:
-                optimizer.quad_iteration, optimizer.momentum_update = quad_fit.quad_iteration, quad_fit.momentum_update
+            if native_quad:
+                quad_fit.install(optimizer)
 
         def scaled_loss(model, x, y, masks, scale):
             loss, correct = loss_and_correct(fast(x, masks), y)
@@ -186,7 +187,7 @@ class FastTrainer(Trainer):
             loss, correct, grads = parts[0]
             for part_loss, part_correct, _ in parts[1:]:
                 loss, correct = loss + part_loss, correct + part_correct
-            if not (spread_updates and not quad and len(self.streams) > 1):
+            if not spread_parameters:
                 for _, _, part_grads in parts[1:]:
                     grads = tree_map(mx.add, grads, part_grads)
                 optimizer.update(model, grads)
