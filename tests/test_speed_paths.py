@@ -354,6 +354,25 @@ def test_a_child_process_reuses_the_kernel_build_it_inherits(tmp_path, monkeypat
 
 @pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64")
                     or shutil.which("g++") is None, reason="kernels are built for the CPU on x86-64 Linux with g++")
+def test_ray_keeps_the_temporary_directory_the_kernel_cache_displaced(tmp_path, monkeypatch):
+    """Ray's sockets under the kernel cache's directory went past AF_UNIX's 107 bytes with a TMPDIR of 24."""
+    from training.speed import compiler
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setenv("RAY_TMPDIR", "")  # restored after the test
+    monkeypatch.delenv("RAY_TMPDIR")
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert compiler.build_kernels_for_this_cpu()
+    assert os.environ["RAY_TMPDIR"] == str(tmp_path) and Path(os.environ["TMPDIR"]).parent == tmp_path
+    monkeypatch.setenv("RAY_TMPDIR", "/elsewhere")  # one that was set stays as it is
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("PATH", os.environ["PATH"].split(os.pathsep, 1)[1])
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert compiler.build_kernels_for_this_cpu() and os.environ["RAY_TMPDIR"] == "/elsewhere"
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64")
+                    or shutil.which("g++") is None, reason="kernels are built for the CPU on x86-64 Linux with g++")
 def test_flags_the_compiler_refuses_leave_mlxs_own_build(tmp_path, monkeypatch):
     from training.speed import compiler
     monkeypatch.setenv("TMPDIR", str(tmp_path))

@@ -72,6 +72,9 @@ def build_kernels_for_this_cpu(flags: tuple = FLAGS) -> bool:
             return False
         os.replace(staged, wrapper)  # whole or absent, also with several processes starting at once
     os.environ["PATH"] = os.pathsep.join([str(wrapper.parent), os.environ["PATH"]])
+    # Ray names its session's sockets under $TMPDIR (or $RAY_TMPDIR), and an AF_UNIX path has at most 107 bytes: the
+    # kernel cache's directory would take a Ray instance started from this process (or a child) past that.
+    os.environ.setdefault("RAY_TMPDIR", str(root.parent))
     os.environ["TMPDIR"] = str(root)  # MLX's kernel cache: $TMPDIR/mlx/<version>/cpu, read at each build
     return True
 
