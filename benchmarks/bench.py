@@ -8,7 +8,7 @@ Prints, for the default config (``Config()``: a / b mod 97, batch 512, dim 128, 
 
 - the matmul FLOPs of one train step (forward + backward) and of one evaluation (forward over the
   validation rows, computing shared prefixes once as the trainer's evaluator does), counted by running the
-  trainer's own forward code lazily and recording every ``nn.Linear`` it calls;
+  trainer's own forward code lazily and recording every linear layer it computes;
 - the GEMM floor: the model's own matmul shapes (forward, and the two backward products) timed alone
   with ``mx.matmul`` through the same BLAS, split over the same streams and BLAS threads as the trainer;
 - per optimizer: ms per step and per evaluation (whole epochs as ``train`` runs them: 9 full
@@ -45,20 +45,30 @@ from training.speed.trainer import FastTrainer  # noqa: E402
 from training.trainer import EVAL_CHUNK, Trainer  # noqa: E402
 
 
-def linear_shapes(forward, *args) -> list:
-    """``(M, K, N)`` of every ``nn.Linear`` that ``forward(*args)`` calls (``(M, K) @ (K, N)``): the model's
-    code itself, run lazily (nothing is computed), records what it multiplies."""
-    shapes, original = [], nn.Linear.__call__
+def linear_shapes(trainer: Trainer, forward, *args) -> list:
+    """``(M, K, N)`` of every linear layer that ``forward(*args)`` computes (``(M, K) @ (K, N)``): the model's code
+    itself, run lazily (nothing is computed), records what it multiplies, every ``FastModel.dense`` of a
+    ``FastTrainer``'s model, else every ``nn.Linear`` call."""
+    shapes = []
+    if isinstance(trainer, FastTrainer):
+        owner, name = trainer.fast, "dense"
+        original = owner.dense
 
-    def recording(self, x):
-        shapes.append((math.prod(x.shape[:-1]), self.weight.shape[1], self.weight.shape[0]))
-        return original(self, x)
+        def wrapped(x, w):
+            shapes.append((math.prod(x.shape[:-1]), w.shape[1], w.shape[0]))
+            return original(x, w)
+    else:
+        owner, name = nn.Linear, "__call__"
+        original = nn.Linear.__call__
 
-    nn.Linear.__call__ = recording
+        def wrapped(self, x):
+            shapes.append((math.prod(x.shape[:-1]), self.weight.shape[1], self.weight.shape[0]))
+            return original(self, x)
+    setattr(owner, name, wrapped)
     try:
         forward(*args)
     finally:
-        nn.Linear.__call__ = original
+        setattr(owner, name, original)
     return shapes
 
 
@@ -78,7 +88,7 @@ def train_work(cfg: Config, trainer: Trainer, tokens: np.ndarray) -> list:
     work = []
     for i in range(0, len(tokens), cfg.train.batch_size):
         batch = mx.array(tokens[i:i + cfg.train.batch_size])
-        work += [(part, linear_shapes(forward, batch[rows])) for part, rows in enumerate(parts(trainer, len(batch)))]
+        work += [(part, linear_shapes(trainer, forward, batch[rows])) for part, rows in enumerate(parts(trainer, len(batch)))]
     return work
 
 
@@ -87,21 +97,21 @@ def eval_work(trainer: Trainer, tokens: np.ndarray) -> list:
     the shared prefixes, on the default stream)."""
     x = mx.array(tokens)
     if not isinstance(trainer, FastTrainer):
-        return [(0, linear_shapes(trainer.model, x[i:i + EVAL_CHUNK])) for i in range(0, len(x), EVAL_CHUNK)]
+        return [(0, linear_shapes(trainer, trainer.model, x[i:i + EVAL_CHUNK])) for i in range(0, len(x), EVAL_CHUNK)]
     plan = trainer.evaluation_plan(tokens)
     fast = trainer.fast
     with trainer.eval_mode():
         if plan is None:
-            return [(part, linear_shapes(fast, x[i:min(i + EVAL_CHUNK, rows.stop)]))
+            return [(part, linear_shapes(trainer, fast, x[i:min(i + EVAL_CHUNK, rows.stop)]))
                     for part, rows in enumerate(trainer.parts(len(x))) for i in range(rows.start, rows.stop, EVAL_CHUNK)]
         length, prefixes, inverse = plan
-        work = [(None, linear_shapes(fast.prefix_keys_values, prefixes))]
+        work = [(None, linear_shapes(trainer, fast.prefix_keys_values, prefixes))]
         past = fast.prefix_keys_values(prefixes)
         for part, rows in enumerate(trainer.parts(len(x))):
             for i in range(rows.start, rows.stop, EVAL_CHUNK):
                 chunk = slice(i, min(i + EVAL_CHUNK, rows.stop))
                 rows_past = [(k[inverse[chunk]], v[inverse[chunk]]) for k, v in past]
-                work.append((part, linear_shapes(fast.logits_after, x[chunk, length:], rows_past)))
+                work.append((part, linear_shapes(trainer, fast.logits_after, x[chunk, length:], rows_past)))
     return work
 
 
@@ -179,7 +189,7 @@ def run(argv=None) -> int:
     step_flops = sum(flops(shapes, True) for _, shapes in training_work) / steps
     eval_flops = sum(flops(shapes, False) for _, shapes in evaluation)
     with reference.eval_mode():
-        whole_eval_flops = flops(linear_shapes(reference.fast if fast else reference.model, split[2]), False)
+        whole_eval_flops = flops(linear_shapes(reference, reference.fast if fast else reference.model, split[2]), False)
     print(f"matmul FLOPs: {step_flops / 1e9:.2f} G per step (forward + backward, mean of {steps} batches), "
           f"{eval_flops / 1e9:.2f} G per evaluation ({n_val} rows; {whole_eval_flops / 1e9:.2f} G without "
           f"sharing prefixes)")

@@ -40,9 +40,7 @@ from training.loop import build_trainer  # noqa: E402
 from training.speed import quad_fit  # noqa: E402
 from training.speed.trainer import FastTrainer, blas_threads  # noqa: E402
 
-from rounds import alternate_rounds  # noqa: E402
-
-VOCAB, SEQ, BATCH = 99, 4, 512  # the grokking defaults: p = 97 plus two tokens, [a, op, b, =]
+from rounds import BATCH, SEQ, VOCAB, alternate_rounds, epoch_of  # noqa: E402
 
 
 def update_only(name: str, streams: int = 0, native_fit: bool = False):
@@ -90,17 +88,9 @@ def train_step(name: str, streams: bool = True, native_fit: bool = True):
 
 
 def train_epoch(name: str, batches: int, native_fit: bool = True):
-    """``Trainer.steps`` over ``batches`` batches of a fixed random data set, as ``training.loop.train`` runs an
-    epoch (each step's evaluation started asynchronously, the next step built meanwhile), evaluated at the end;
-    by ``trainer_for(name, native_fit=native_fit)``."""
-    trainer = trainer_for(name, native_fit=native_fit)
-    x = mx.random.randint(0, VOCAB, (batches * BATCH, SEQ))
-    y = mx.random.randint(0, VOCAB, (batches * BATCH,))
-    order = mx.arange(batches * BATCH)
-
-    def run():
-        mx.eval(trainer.steps(x, y, order, BATCH), trainer.state)
-    return run
+    """``rounds.epoch_of`` (``Trainer.steps`` over ``batches`` batches, as ``training.loop.train`` runs an epoch) by
+    ``trainer_for(name, native_fit=native_fit)``."""
+    return epoch_of(trainer_for(name, native_fit=native_fit), batches)
 
 
 def dense_fits(slices: Sequence[int]):

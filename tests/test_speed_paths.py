@@ -115,6 +115,34 @@ def test_permute_rows_and_its_gradient_are_the_gathers():
     assert mx.array_equal(by_kernel, mx.vjp(lambda w: w[order], [w], [g])[1][0]).item()
 
 
+@pytest.mark.parametrize("rows", [(12,), (3, 4)])
+def test_linear_is_x_w_transposed_with_its_weight_gradient_laid_out_like_the_weight(rows):
+    x, w, g = mx.random.normal((*rows, 6)), mx.random.normal((5, 6)), mx.random.normal((*rows, 5))
+    assert mx.array_equal(kernels.linear(x, w), x @ w.T).item()
+    (dx, dw), (mlx_dx, mlx_dw) = (mx.vjp(f, [x, w], [g])[1] for f in (kernels.linear, lambda x, w: x @ w.T))
+    assert mx.array_equal(dx, mlx_dx).item()
+    assert rel_err(dw, mlx_dw) <= 1e-6
+    assert memoryview(dw).c_contiguous and not memoryview(mlx_dw).c_contiguous  # MLX's: a transposed view
+
+
+@pytest.mark.parametrize("row_major", [True, False])
+def test_fast_model_weight_gradients_are_row_major_unless_asked_for_mlxs(row_major):
+    """What keeps the optimizers' element-wise updates on MLX's contiguous path (``kernels.linear``)."""
+    cfg = ModelConfig(dim=32, depth=2, heads=2)
+    model = Transformer(cfg, 13)
+    fast = FastModel(model, cfg, row_major_weight_gradients=row_major)
+    tokens, y = mx.random.randint(0, 13, (40, 4)), mx.random.randint(0, 13, (40,))
+    grads = nn.value_and_grad(model, lambda m: nn.losses.cross_entropy(fast(tokens), y, reduction="sum"))(model)[1]
+    mx.eval(grads)
+    layouts = {key: memoryview(g).c_contiguous for key, g in tree_flatten(grads) if g.ndim == 2}
+    linear_layers = [key for key in layouts if key != "embedding.weight"]
+    assert len(linear_layers) == 7 * cfg.depth + 1  # q, k, v, o, w1, w2, w3 per block; the read-out
+    # MLX's gradients are transposed views, but those of wq and wk, which reach them through permute_rows' gather.
+    permuted = [key for key in linear_layers if key.endswith(("wq.weight", "wk.weight"))]
+    assert all(layouts[key] == (row_major or key in permuted) for key in linear_layers), layouts
+    assert layouts["embedding.weight"]
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_fast_model_gives_the_plain_models_logits_and_gradients(depth):
     """Pruned last block, per-token q/k/v (depth > 1) and fused kernels, in eval mode (no dropout)."""

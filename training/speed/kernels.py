@@ -102,6 +102,22 @@ def _permute_rows_vjp(primals, cotangent, output):
     return cotangent[inverse], mx.zeros_like(order), mx.zeros_like(inverse)
 
 
+@mx.custom_function
+def linear(x: mx.array, w: mx.array) -> mx.array:
+    """``x @ w.T``, as ``nn.Linear`` without a bias computes it, whose weight gradient is computed as ``g^T x``, laid
+    out like the weight. MLX's matmul gives it as the transpose of ``x^T g``, a column-major view, and every
+    element-wise pass over it (the sum of a batch's halves, the optimizer's update, with row-major parameters and
+    state beside it) then runs on MLX's strided path. Both are the same dot products over the rows of ``x``."""
+    return x @ w.T
+
+
+@linear.vjp
+def _linear_vjp(primals, cotangent, output):
+    x, w = primals
+    rows = cotangent.reshape(-1, cotangent.shape[-1])
+    return cotangent @ w, rows.T @ x.reshape(-1, x.shape[-1])
+
+
 def rope_tables(rope: nn.RoPE, length: int, offset: int = 0) -> tuple:
     """``(C, S)`` ``(length, 1, 2, dims / 2)`` for :func:`rope`: the cosines and signed sines of positions
     ``offset ..``, computed as ``mx.fast.rope`` computes them (its fallback on this backend: the same float32

@@ -7,6 +7,8 @@ to float rounding):
   of ``attn_norm(embedding.weight) @ W.T``, one per vocabulary entry rather than one per position;
 - the dropout masks are drawn before the forward pass (``dropout_masks``), so that a batch can be split
   and still use the whole batch's masks;
+- every linear layer's weight gradient is computed laid out like the weight (``kernels.linear``), so that the
+  element-wise passes over it (the halves' sum, the optimizer's update) run on MLX's contiguous path;
 - queries and keys are rotated by one fused kernel (``kernels.rope``), their features reordered so that the
   rotated pairs are read with unit strides (the same dot products, up to the order of the sum), with the
   rotation's tables computed once;
@@ -21,19 +23,26 @@ import mlx.nn as nn
 import models
 from training.speed.native import attention as native_attention, load_extension
 from training.speed.native import rms_norm as native_rms_norm, silu_gate as native_silu_gate
-from training.speed.kernels import fast_sigmoid, gather_rows, permute_rows, rope, rope_order, rope_tables, silu_gate
+from training.speed.kernels import fast_sigmoid, gather_rows, linear, permute_rows, rope, rope_order, rope_tables
+from training.speed.kernels import silu_gate
 
 
 ROPE_POSITIONS = 64  # positions whose rotary tables are computed ahead (longer sequences compute theirs)
 
 
-def query_key_projections(attn: models.Attention, fused_rope: bool) -> tuple:
-    """``(wq, wk)`` of ``attn`` as functions of ``x``; with ``fused_rope``, their output features in
-    ``kernels.rope_order`` (the weights' rows reordered), which :func:`rotate` with tables expects."""
+def mlx_linear(x: mx.array, w: mx.array) -> mx.array:
+    """``x @ w.T`` as ``nn.Linear`` computes it, with MLX's gradient (see ``kernels.linear``)."""
+    return x @ w.T
+
+
+def query_key_projections(attn: models.Attention, fused_rope: bool, dense=mlx_linear) -> tuple:
+    """``(wq, wk)`` of ``attn`` as functions of ``x``, computed by ``dense(x, weight)``; with ``fused_rope``, their
+    output features in ``kernels.rope_order`` (the weights' rows reordered), which :func:`rotate` with tables
+    expects."""
     if not fused_rope:
-        return attn.wq, attn.wk
+        return tuple((lambda x, w=w: dense(x, w.weight)) for w in (attn.wq, attn.wk))
     order, inverse = rope_order(attn.rope.dims, attn.heads)
-    return tuple((lambda x, w=w: x @ permute_rows(w.weight, order, inverse).T) for w in (attn.wq, attn.wk))
+    return tuple((lambda x, w=w: dense(x, permute_rows(w.weight, order, inverse))) for w in (attn.wq, attn.wk))
 
 
 def rotate(attn: models.Attention, t: mx.array, start: int, tables: Optional[tuple]) -> mx.array:
@@ -72,27 +81,28 @@ def attend(queries: mx.array, keys: list, values: list, scale: float, native: bo
 
 def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = False,
               past: Optional[tuple] = None, return_kv: bool = False, qkv: Optional[tuple] = None,
-              tables: Optional[tuple] = None, native: bool = False, past_rows: Optional[mx.array] = None):
+              tables: Optional[tuple] = None, native: bool = False, past_rows: Optional[mx.array] = None,
+              dense=mlx_linear):
     """``attn`` over ``x`` ``(B, L, D)``, after ``past`` = ``(keys, values)`` ``(B, P, H, D/H)`` of the ``P``
     positions before it when given (with ``past_rows`` ``(B,)``: ``past`` ``(U, P, H, D/H)``, of which row ``b`` of
     ``x`` follows row ``past_rows[b]``); ``last_only``: queries and output for the last position only;
     ``return_kv``: also this call's keys and values; ``qkv``: the projections of ``x`` already computed
     (queries and keys as :func:`query_key_projections` makes them; then ``x`` is not used); ``tables``: the
     rotary embedding's for ``kernels.rope`` (None: ``attn.rope``), see :func:`rotate`; ``native``: see
-    :func:`attend`."""
+    :func:`attend`; ``dense(x, weight)``: the linear layers."""
     B, L, D = (x if qkv is None else qkv[0]).shape
-    wq, wk = query_key_projections(attn, tables is not None)
+    wq, wk = query_key_projections(attn, tables is not None, dense)
     project = (lambda i, w: w(x)) if qkv is None else (lambda i, w: qkv[i])
     offset = 0 if past is None else past[0].shape[1]
     new_keys = rotate(attn, project(1, wk), offset, tables)
-    new_values = project(2, attn.wv).reshape(B, L, attn.heads, -1)
+    new_values = project(2, lambda x: dense(x, attn.wv.weight)).reshape(B, L, attn.heads, -1)
     if last_only:
         queries = rotate(attn, wq(x[:, -1:]) if qkv is None else qkv[0][:, -1:], offset + L - 1, tables)
     else:
         queries = rotate(attn, project(0, wq), offset, tables)
     keys, values = ([new_keys], [new_values]) if past is None else ([past[0], new_keys], [past[1], new_values])
     out = attend(queries, keys, values, (D // attn.heads) ** -0.5, native, past_rows)
-    out = attn.wo(out.reshape(B, queries.shape[1], D))
+    out = dense(out.reshape(B, queries.shape[1], D), attn.wo.weight)
     return (out, (new_keys, new_values)) if return_kv else out
 
 
@@ -100,12 +110,13 @@ class FastModel:
     """The forward pass of ``model`` with the tricks above; ``fused``: the fused SiLU-gate kernels;
     ``fused_rope``: the fused rotary embedding; ``native_attention``, ``native_gate``, ``native_norm``: the native
     attention, SiLU-gate (with ``fused``) and RMSNorm primitives (``speed.native``), where they build (all rather
-    than MLX's)."""
+    than MLX's); ``row_major_weight_gradients``: the linear layers by ``kernels.linear`` (rather than MLX's)."""
 
     def __init__(self, model: models.Transformer, cfg: models.ModelConfig, fused: bool = True,
                  lookup_first_qkv: bool = True, fused_rope: bool = True, native_attention: bool = True,
-                 native_gate: bool = True, native_norm: bool = True):
+                 native_gate: bool = True, native_norm: bool = True, row_major_weight_gradients: bool = True):
         self.model = model
+        self.dense = linear if row_major_weight_gradients else mlx_linear
         built = load_extension() is not None
         self.native_attention, self.native_norm = native_attention and built, native_norm and built
         self.native_gate = native_gate and fused and built  # the fused gate, in native code
@@ -128,15 +139,16 @@ class FastModel:
 
     def feed_forward(self, ff: models.FeedForward, x: mx.array, keep: Optional[mx.array]) -> mx.array:
         """``ff(x)`` with the dropout mask ``keep`` (None: no dropout)."""
-        a, b = ff.w1(x), ff.w3(x)  # (..., mlp_dim)
+        a, b = self.dense(x, ff.w1.weight), self.dense(x, ff.w3.weight)  # (..., mlp_dim)
         if self.native_gate:
-            return ff.w2(native_silu_gate(a, b, keep, 1 / self.keep_prob))
-        if not self.fused:
-            h = nn.silu(a) if keep is None else (keep * nn.silu(a)) * (1 / self.keep_prob)  # as nn.Dropout
-            return ff.w2(h * b)
-        if keep is None:
-            return ff.w2(a * fast_sigmoid(a) * b)
-        return ff.w2(silu_gate(a, b, keep, mx.array(1 / self.keep_prob))[0])
+            h = native_silu_gate(a, b, keep, 1 / self.keep_prob)
+        elif not self.fused:
+            h = (nn.silu(a) if keep is None else (keep * nn.silu(a)) * (1 / self.keep_prob)) * b  # as nn.Dropout
+        elif keep is None:
+            h = a * fast_sigmoid(a) * b
+        else:
+            h = silu_gate(a, b, keep, mx.array(1 / self.keep_prob))[0]
+        return self.dense(h, ff.w2.weight)
 
     def block(self, block: models.Block, x: mx.array, last_only: bool = False, keep: Optional[mx.array] = None,
               past: Optional[tuple] = None, qkv: Optional[tuple] = None,
@@ -144,7 +156,8 @@ class FastModel:
         """``block(x)``; ``qkv``: the attention's projections of ``attn_norm(x)``, already computed; ``past``,
         ``past_rows``: see :func:`attention`."""
         h = attention(block.attn, self.norm(block.attn_norm, x) if qkv is None else None, last_only, past, qkv=qkv,
-                      tables=self.tables_of(block), native=self.native_attention, past_rows=past_rows)
+                      tables=self.tables_of(block), native=self.native_attention, past_rows=past_rows,
+                      dense=self.dense)
         x = (x[:, -1:] if last_only else x) + h
         return x + self.feed_forward(block.ff, self.norm(block.ff_norm, x), keep)
 
@@ -158,7 +171,7 @@ class FastModel:
         for block, keep in zip(blocks[:-1], masks):
             x, qkv = self.block(block, x, keep=keep, qkv=qkv), None
         x = self.block(blocks[-1], x, last_only=True, keep=masks[-1])[:, 0]  # (B, D)
-        return self.model.out(self.norm(self.model.norm, x))
+        return self.dense(self.norm(self.model.norm, x), self.model.out.weight)
 
     def first_qkv(self, tokens: mx.array) -> tuple:
         """The first block's ``wq, wk, wv`` of ``attn_norm(embedding(tokens))``, each ``(B, L, D)`` (queries and
@@ -166,8 +179,8 @@ class FastModel:
         tables through ``gather_rows``."""
         block = self.model.blocks[0]
         attn, table = block.attn, self.norm(block.attn_norm, self.model.embedding.weight)  # (V, D)
-        wq, wk = query_key_projections(attn, self.fused_rope)
-        table = mx.concatenate([wq(table), wk(table), attn.wv(table)], axis=-1)  # (V, 3D)
+        wq, wk = query_key_projections(attn, self.fused_rope, self.dense)
+        table = mx.concatenate([wq(table), wk(table), self.dense(table, attn.wv.weight)], axis=-1)  # (V, 3D)
         return tuple(mx.split(gather_rows(table, tokens), 3, axis=-1))
 
     def dropout_shapes(self, batch_size: int, length: int) -> Optional[list]:
@@ -192,7 +205,7 @@ class FastModel:
         cache = []
         for block in blocks:
             h, kv = attention(block.attn, self.norm(block.attn_norm, x), return_kv=True, tables=self.tables_of(block),
-                              native=self.native_attention)
+                              native=self.native_attention, dense=self.dense)
             cache.append(kv)
             if block is not blocks[-1]:
                 x = x + h
@@ -209,4 +222,4 @@ class FastModel:
         for block, kv in zip(blocks[:-1], past):
             x, qkv = self.block(block, x, past=kv, qkv=qkv, past_rows=rows), None
         x = self.block(blocks[-1], x, last_only=True, past=past[-1], past_rows=rows)[:, 0]
-        return self.model.out(self.norm(self.model.norm, x))
+        return self.dense(self.norm(self.model.norm, x), self.model.out.weight)
