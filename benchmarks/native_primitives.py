@@ -1,23 +1,24 @@
-"""What the native primitives save (``training/speed/native.cpp``: attention, the SiLU gate, RMSNorm;
-``training/speed/quad_fit.cpp``: QUAD's preconditioner fit and momentum):
+"""What the native primitives save (``training/speed/native.cpp``: attention, the SiLU gate, RMSNorm, the
+cross-entropy loss; ``training/speed/quad_fit.cpp``: QUAD's preconditioner fit and momentum):
 
-    python benchmarks/native_primitives.py [attention|gate|norm|all|quad] [--repeats 3] [--epochs 20] [--set KEY=VALUE ...]
+    python benchmarks/native_primitives.py [attention|gate|norm|loss|all|quad] [--repeats 3] [--epochs 20] [--set KEY=VALUE ...]
 
 Each measurement is a fresh process that trains the default run (``training.loop.train``, no files) for
 ``--epochs`` epochs with MLX's computation of the chosen primitives (``all`` by default) or with the native one
 (the speed layer's default where it builds); the two kinds alternate ``--repeats`` times after one unmeasured
 epoch each. It prints the median ms per step and per evaluation of each and their ratios. The native gate gives
 MLX's fused gate's bits, so ``gate`` compares runs with the same metrics; the native attention sums its dot
-products in another order and the native RMSNorm its sums, so with them the metrics differ by float rounding. Each kind's runs should agree to
-the last bit. ``quad`` trains with QUAD (``optim.name=quad``, unless ``--set`` gives another) and compares its plain
-fit and momentum (``optimizers.quad``) with the native ones; the fit's sums differ from MLX's by float rounding.
+products in another order, the native RMSNorm its sums and the native loss its exponentials, so with them the
+metrics differ by float rounding. Each kind's runs should agree to the last bit. ``quad`` trains with QUAD
+(``optim.name=quad``, unless ``--set`` gives another) and compares its plain fit and momentum (``optimizers.quad``)
+with the native ones; the fit's sums differ from MLX's by float rounding.
 """
 import sys
 
 from fresh_runs import compare, parse_args
 
 FLAGS = {"attention": ("native_attention",), "gate": ("native_gate",), "norm": ("native_norm",),
-         "all": ("native_attention", "native_gate", "native_norm")}
+         "loss": ("native_loss",), "all": ("native_attention", "native_gate", "native_norm", "native_loss")}
 
 
 def main(argv=None) -> int:

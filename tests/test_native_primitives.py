@@ -1,6 +1,8 @@
 """The native primitives (``training/speed/native.cpp``). The SiLU gate: ``kernels.silu_gate``'s bits, forward and
 backward, masked and not, strided inputs, one-line errors. RMSNorm: ``mx.fast.rms_norm`` to float rounding, forward
-and backward, strided inputs, one-line errors. Attention, against MLX's
+and backward, strided inputs, one-line errors. The cross-entropy loss: ``nn.losses.cross_entropy`` to float
+rounding, forward and backward, over class counts that are and are not multiples of the lanes, NaN for a NaN logit
+or a target outside the classes, one-line errors. Attention, against MLX's
 ``scaled_dot_product_attention``: forward and vector-Jacobian product over head counts, lengths, head sizes that
 are and are not multiples of the kernel's lanes, strided inputs, key parts and prefix rows read in place;
 compiled as eager; the fast model and trainer with them as without; one-line errors; the fallback without
@@ -9,6 +11,7 @@ import shutil
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -159,10 +162,14 @@ def model_and_tokens(dim=32, heads=2, depth=3, rows=16):
 def test_fast_model_with_native_primitives_equals_it_without(extension):
     cfg, model, tokens = model_and_tokens()
     with_native = FastModel(model, cfg)
-    without = FastModel(model, cfg, native_attention=False, native_gate=False, native_norm=False)
-    assert with_native.native_attention and with_native.native_gate and with_native.native_norm
-    assert not (without.native_attention or without.native_gate or without.native_norm)
+    without = FastModel(model, cfg, native_attention=False, native_gate=False, native_norm=False, native_loss=False)
+    flags = ("native_attention", "native_gate", "native_norm", "native_loss")
+    assert all(getattr(with_native, flag) for flag in flags) and not any(getattr(without, flag) for flag in flags)
     assert rel_err(with_native(tokens), without(tokens)) <= 1e-5
+    logits, labels = with_native(tokens), mx.array(np.arange(16) % 13)
+    (loss, correct), (mlx_loss, mlx_correct) = with_native.loss_and_correct(logits, labels), \
+        without.loss_and_correct(logits, labels)
+    assert abs(loss.item() - mlx_loss.item()) <= 1e-6 * mlx_loss.item() and correct.item() == mlx_correct.item()
     past_native, past_mlx = with_native.prefix_keys_values(tokens[:5, :2]), without.prefix_keys_values(tokens[:5, :2])
     rows = mx.array(np.arange(16) % 5)
     assert rel_err(with_native.logits_after(tokens[:, 2:], past_native, rows),
@@ -177,7 +184,7 @@ def test_a_trainer_with_native_primitives_follows_one_without(extension):
     for use in (True, False):
         mx.random.seed(0)
         trainer = FastTrainer(cfg)
-        for flag in ("native_attention", "native_gate", "native_norm"):
+        for flag in ("native_attention", "native_gate", "native_norm", "native_loss"):
             assert getattr(trainer.fast, flag)
             setattr(trainer.fast, flag, use)  # read when the step is first traced
         for _ in range(3):
@@ -194,7 +201,7 @@ def test_without_nanobind_the_model_keeps_mlxs_computation(monkeypatch):
     try:
         cfg, model, tokens = model_and_tokens()
         fast = FastModel(model, cfg)
-        assert not (fast.native_attention or fast.native_gate or fast.native_norm)
+        assert not (fast.native_attention or fast.native_gate or fast.native_norm or fast.native_loss)
         assert rel_err(fast(tokens), model(tokens)) <= 1e-5
     finally:
         native.load_extension.cache_clear()
@@ -282,6 +289,77 @@ def test_rms_norm_reads_strided_inputs(extension):
     (lambda e: e.rms_norm_backward(mx.zeros((2, 3)), mx.zeros((3,)), mx.zeros((3, 3)), 1e-5), "shaped as x"),
 ])
 def test_rms_norm_bad_input_gets_a_one_line_error(extension, call, message):
+    with pytest.raises(ValueError) as error:
+        call(extension)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# The cross-entropy loss: nn.losses.cross_entropy to float rounding, forward and backward.
+
+def mlx_cross_entropy(logits, targets):
+    return nn.losses.cross_entropy(logits, targets)
+
+
+@pytest.mark.parametrize("N,V", [(7, 99), (300, 99), (5, 16), (4, 33), (3, 1), (2, 15)])
+def test_cross_entropy_and_its_vjp_equal_mlxs(extension, N, V):
+    keys = mx.random.split(mx.random.key(4), 3)
+    logits = mx.random.normal((N, V), key=keys[0]) * 6  # confident rows too: some losses near 0
+    targets = mx.random.randint(0, V, (N,), key=keys[1]).astype(mx.int32)
+    g = mx.random.normal((N,), key=keys[2])
+
+    def forward_and_grad(loss):
+        return mx.compile(mx.value_and_grad(lambda x: (loss(x, targets) * g).sum()))(logits)
+
+    (ours, dx), (theirs, tx) = forward_and_grad(native.cross_entropy), forward_and_grad(mlx_cross_entropy)
+    per_row, reference = native.cross_entropy(logits, targets), mlx_cross_entropy(logits, targets)
+    assert np.allclose(per_row, reference, rtol=1e-6, atol=1e-6)  # atol: x[target] - max rounds in both
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * max(1.0, float(np.abs(np.array(reference)).sum()))
+    assert rel_err(dx, tx) <= 2e-6
+    probabilities = np.array(mx.softmax(logits.astype(mx.float32), axis=1))
+    one_hot = np.eye(V, dtype=np.float32)[np.array(targets)]
+    assert rel_err(dx, (probabilities - one_hot) * np.array(g)[:, None]) <= 2e-6
+
+
+def test_cross_entropys_exponential_is_accurate_over_the_float_range(extension):
+    # Two logits (t, 0), target 0: the gradient's first entry is sigmoid(t) - 1 and the loss log(1 + e^-t), here
+    # for t from -87 (past which e^t is below float's normal range) to 0, against float64.
+    t = mx.linspace(-87, 0, 200001)
+    logits, targets = mx.stack([t, mx.zeros_like(t)], axis=1), mx.ones(t.shape, mx.int32)
+    grad = mx.grad(lambda x: native.cross_entropy(x, targets).sum())(logits)
+    exact = 1 / (1 + np.exp(-np.array(t, dtype=np.float64)))
+    assert np.max(np.abs(np.array(grad[:, 0], dtype=np.float64) - exact) / exact) <= 16 * 2.0 ** -24
+    assert np.allclose(native.cross_entropy(logits, targets), np.log1p(np.exp(np.array(t, np.float64))),
+                       rtol=2e-7, atol=1e-7)
+
+
+def test_cross_entropy_of_a_nan_logit_or_a_target_outside_the_classes_is_nan(extension):
+    logits = mx.array([[0.0, float("nan"), 1.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [-1e30, 0.0, 1e30]])
+    for bad in (3, -1):
+        targets = mx.array([0, 2, bad, 2], mx.int32)
+        loss = native.cross_entropy(logits, targets)
+        grad = mx.grad(lambda x: native.cross_entropy(x, targets).sum())(logits)
+        assert np.isnan(loss[0].item()) and np.isnan(loss[2].item())
+        assert np.isnan(np.array(grad[0])).all() and np.isnan(np.array(grad[2])).all()
+        assert np.allclose(loss[1].item(), mlx_cross_entropy(logits[1:2], targets[1:2]).item(), rtol=1e-6)
+        assert loss[3].item() == 0.0 and np.array_equal(grad[3], [0.0, 0.0, 0.0])  # large logits, no overflow
+
+
+def test_cross_entropy_reads_strided_logits(extension):
+    logits = mx.random.normal((33, 6), key=mx.random.key(5))
+    targets = mx.array(np.arange(6) % 33, mx.int32)
+    assert np.array_equal(native.cross_entropy(logits.T, targets), native.cross_entropy(mx.array(np.array(logits.T)),
+                                                                                        targets))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.cross_entropy(mx.zeros((2, 3), mx.float16), mx.zeros((2,), mx.int32)), "float16 (2, 3)"),
+    (lambda e: e.cross_entropy(mx.zeros((2, 3, 1)), mx.zeros((2,), mx.int32)), "(N, V) array, not a float32"),
+    (lambda e: e.cross_entropy(mx.zeros((2, 3)), mx.zeros((2,), mx.uint32)), "not a uint32 (2,) array"),
+    (lambda e: e.cross_entropy(mx.zeros((2, 3)), mx.zeros((3,), mx.int32)), "one per row of the logits"),
+    (lambda e: e.cross_entropy_backward(mx.zeros((2, 3)), mx.zeros((2,), mx.int32), mx.zeros((2, 3))),
+     "shaped as the targets, not a float32 (2, 3) array"),
+])
+def test_cross_entropy_bad_input_gets_a_one_line_error(extension, call, message):
     with pytest.raises(ValueError) as error:
         call(extension)
     assert message in str(error.value) and "\n" not in str(error.value)

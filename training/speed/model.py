@@ -13,7 +13,8 @@ to float rounding):
   rotated pairs are read with unit strides (the same dot products, up to the order of the sum), with the
   rotation's tables computed once;
 - evaluation rows share few distinct prefixes (``a op`` of ``a op b =``): their keys and values are
-  computed once per prefix (``prefix_keys_values``, ``logits_after``).
+  computed once per prefix (``prefix_keys_values``, ``logits_after``);
+- the loss (``loss_and_correct``) by the native cross-entropy, whose exponential is vectorized.
 """
 from typing import Optional
 
@@ -21,10 +22,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import models
-from training.speed.native import attention as native_attention, load_extension
+from training.speed.native import attention as native_attention, cross_entropy as native_cross_entropy, load_extension
 from training.speed.native import rms_norm as native_rms_norm, silu_gate as native_silu_gate
 from training.speed.kernels import fast_sigmoid, gather_rows, linear, permute_rows, rope, rope_order, rope_tables
 from training.speed.kernels import silu_gate
+from training.trainer import loss_and_correct
 
 
 ROPE_POSITIONS = 64  # positions whose rotary tables are computed ahead (longer sequences compute theirs)
@@ -109,16 +111,19 @@ def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = F
 class FastModel:
     """The forward pass of ``model`` with the tricks above; ``fused``: the fused SiLU-gate kernels;
     ``fused_rope``: the fused rotary embedding; ``native_attention``, ``native_gate``, ``native_norm``: the native
-    attention, SiLU-gate (with ``fused``) and RMSNorm primitives (``speed.native``), where they build (all rather
-    than MLX's); ``row_major_weight_gradients``: the linear layers by ``kernels.linear`` (rather than MLX's)."""
+    attention, SiLU-gate (with ``fused``), RMSNorm and (``native_loss``) cross-entropy primitives (``speed.native``),
+    where they build (all rather than MLX's); ``row_major_weight_gradients``: the linear layers by
+    ``kernels.linear`` (rather than MLX's)."""
 
     def __init__(self, model: models.Transformer, cfg: models.ModelConfig, fused: bool = True,
                  lookup_first_qkv: bool = True, fused_rope: bool = True, native_attention: bool = True,
-                 native_gate: bool = True, native_norm: bool = True, row_major_weight_gradients: bool = True):
+                 native_gate: bool = True, native_norm: bool = True, native_loss: bool = True,
+                 row_major_weight_gradients: bool = True):
         self.model = model
         self.dense = linear if row_major_weight_gradients else mlx_linear
         built = load_extension() is not None
         self.native_attention, self.native_norm = native_attention and built, native_norm and built
+        self.native_loss = native_loss and built
         self.native_gate = native_gate and fused and built  # the fused gate, in native code
         self.keep_prob = 1 - cfg.dropout  # dropout on the SiLU branch, as nn.Dropout(cfg.dropout)
         self.fused = fused
@@ -128,6 +133,13 @@ class FastModel:
         self.rope_tables = {id(block): rope_tables(block.attn.rope, ROPE_POSITIONS) if fused_rope else None
                             for block in model.blocks}
         mx.eval(list(self.rope_tables.values()))
+
+    def loss_and_correct(self, logits: mx.array, y: mx.array):
+        """``training.trainer.loss_and_correct``: the summed cross-entropy (native with ``native_loss``, to float
+        rounding) and the number of correct predictions."""
+        if not self.native_loss:
+            return loss_and_correct(logits, y)
+        return mx.sum(native_cross_entropy(logits, y.astype(mx.int32))), mx.sum(mx.argmax(logits, axis=1) == y)
 
     def tables_of(self, block: models.Block) -> Optional[tuple]:
         """The rotary embedding's tables of ``block`` (None: MLX's RoPE)."""

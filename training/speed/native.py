@@ -1,5 +1,5 @@
 """Native MLX primitives (``native.cpp``), forward and backward: attention over a few positions, the SiLU gate,
-RMSNorm.
+RMSNorm, the cross-entropy loss.
 
 On this backend MLX computes each of these as many small passes and graph nodes, forward and backward:
 
@@ -10,7 +10,9 @@ On this backend MLX computes each of these as many small passes and graph nodes,
   keys and values of a prefix cache read in place beside the new ones;
 - the SiLU gate: ``kernels.silu_gate``'s operations, which MLX's fusion splits into five loops at the sigmoid's
   bit casts, in one loop each way, giving the same bits;
-- RMSNorm (``mx.fast.rms_norm``'s fallback, its definition as ops): one pass per row each way.
+- RMSNorm (``mx.fast.rms_norm``'s fallback, its definition as ops): one pass per row each way;
+- the cross-entropy loss (``nn.losses.cross_entropy``'s logsumexp, and its softmax backward): MLX's CPU exp is a
+  scalar loop calling the C library's ``fmaf``; the primitive's exponential is vectorized.
 
 The extension is built once per machine (``compiler.build_library``, the same ``g++`` and flags as the other
 native code) against the installed MLX's headers and library and the nanobind it was built with, and imported
@@ -144,6 +146,30 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     """``mx.fast.rms_norm(x, weight, eps)`` to float rounding, in one native pass each way; needs
     :func:`load_extension`."""
     return _norm(float(eps))(x, weight)
+
+
+@functools.lru_cache(maxsize=None)
+def _cross_entropy():
+    """The per-row cross-entropy with its vector-Jacobian product (none for the targets)."""
+    native = load_extension()
+
+    @mx.custom_function
+    def loss(logits, targets):
+        return native.cross_entropy(logits, targets)
+
+    @loss.vjp
+    def loss_vjp(primals, cotangent, output):
+        logits, targets = primals
+        return native.cross_entropy_backward(logits, targets, cotangent), mx.zeros_like(targets)
+
+    return loss
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """``nn.losses.cross_entropy(logits, targets)`` (per row: ``logsumexp(logits) - logits[target]``) to float
+    rounding for float32 ``(N, V)`` logits and int32 ``(N,)`` targets, forward and backward; NaN for a target outside
+    ``[0, V)``; needs :func:`load_extension`."""
+    return _cross_entropy()(logits, targets)
 
 
 def attention(queries: mx.array, keys: Sequence[mx.array], values: Sequence[mx.array], scale: float,

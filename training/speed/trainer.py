@@ -35,7 +35,7 @@ from training.speed import quad_fit
 from training.speed.compiler import build_kernels_for_this_cpu
 from training.speed.masks import NativeMasks
 from training.speed.model import FastModel
-from training.trainer import EVAL_CHUNK, Trainer, loss_and_correct
+from training.trainer import EVAL_CHUNK, Trainer
 
 
 @contextlib.contextmanager
@@ -166,7 +166,7 @@ class FastTrainer(Trainer):
                 quad_fit.install(optimizer)
 
         def scaled_loss(model, x, y, masks, scale):
-            loss, correct = loss_and_correct(fast(x, masks), y)
+            loss, correct = fast.loss_and_correct(fast(x, masks), y)
             return loss * scale, loss, correct
 
         grad_fn = nn.value_and_grad(model, scaled_loss)
@@ -211,12 +211,12 @@ class FastTrainer(Trainer):
         @partial(mx.compile, inputs=model.state)
         def evaluate_part(x, y, part):
             with mx.stream(self.streams[part]):
-                return loss_and_correct(fast(x), y)
+                return fast.loss_and_correct(fast(x), y)
 
         @partial(mx.compile, inputs=model.state)
         def evaluate_part_after(x, y, rows_prefix, past, part):  # x: the tokens after the prefixes
             with mx.stream(self.streams[part]):
-                return loss_and_correct(fast.logits_after(x, past, rows_prefix), y)
+                return fast.loss_and_correct(fast.logits_after(x, past, rows_prefix), y)
 
         self._fast_step, self._evaluate_part, self._evaluate_part_after = step, evaluate_part, evaluate_part_after
         self._prefix_keys_values = mx.compile(fast.prefix_keys_values, inputs=model.state)
