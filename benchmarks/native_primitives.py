@@ -23,6 +23,10 @@ FLAGS = {"attention": ("native_attention",), "gate": ("native_gate",), "norm": (
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in (*FLAGS, "quad"):
+        print(f"native_primitives.py: error: KIND={argv[0]!r} must be one of {', '.join((*FLAGS, 'quad'))}",
+              file=sys.stderr)
+        return 2
     which = argv.pop(0) if argv and argv[0] in FLAGS else "all"
     if argv and argv[0] == "quad":
         args, overrides = parse_args(__doc__, argv[1:])

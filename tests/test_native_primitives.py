@@ -6,9 +6,11 @@ or a target outside the classes, one-line errors. Attention, against MLX's
 ``scaled_dot_product_attention``: forward and vector-Jacobian product over head counts, lengths, head sizes that
 are and are not multiples of the kernel's lanes, strided inputs, key parts and prefix rows read in place;
 compiled as eager; the fast model and trainer with them as without; one-line errors; the fallback without
-nanobind."""
+nanobind; the benchmark's one-line error for an unknown kind."""
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,6 +36,12 @@ def extension():
     module = native.load_extension()
     assert module is not None, "nanobind is in requirements.txt: the extension should build here"
     return module
+
+
+def assert_one_line_error(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def heads_last(*shape, seed=0):
@@ -132,9 +140,7 @@ def test_prefix_rows_read_in_place_equal_the_gathered_prefixes(extension):
                            mx.array([0, 1])), "the same rows"),
 ])
 def test_bad_input_gets_a_one_line_error(extension, call, message):
-    with pytest.raises(ValueError) as error:
-        call(extension)
-    assert message in str(error.value) and "\n" not in str(error.value)
+    assert_one_line_error(lambda: call(extension), message)
 
 
 @pytest.mark.parametrize("row", [3, -1])
@@ -254,9 +260,7 @@ def test_gate_reads_strided_inputs(extension):
     (lambda e: e.silu_gate(mx.zeros((2, 3)), mx.zeros((2, 3)), mx.zeros((2, 3)), 1.0), "mask must be bool"),
 ])
 def test_gate_bad_input_gets_a_one_line_error(extension, call, message):
-    with pytest.raises(ValueError) as error:
-        call(extension)
-    assert message in str(error.value) and "\n" not in str(error.value)
+    assert_one_line_error(lambda: call(extension), message)
 
 
 # RMSNorm: mx.fast.rms_norm to float rounding, forward and backward.
@@ -289,16 +293,10 @@ def test_rms_norm_reads_strided_inputs(extension):
     (lambda e: e.rms_norm_backward(mx.zeros((2, 3)), mx.zeros((3,)), mx.zeros((3, 3)), 1e-5), "shaped as x"),
 ])
 def test_rms_norm_bad_input_gets_a_one_line_error(extension, call, message):
-    with pytest.raises(ValueError) as error:
-        call(extension)
-    assert message in str(error.value) and "\n" not in str(error.value)
+    assert_one_line_error(lambda: call(extension), message)
 
 
 # The cross-entropy loss: nn.losses.cross_entropy to float rounding, forward and backward.
-
-def mlx_cross_entropy(logits, targets):
-    return nn.losses.cross_entropy(logits, targets)
-
 
 @pytest.mark.parametrize("N,V", [(7, 99), (300, 99), (5, 16), (4, 33), (3, 1), (2, 15)])
 def test_cross_entropy_and_its_vjp_equal_mlxs(extension, N, V):
@@ -310,12 +308,12 @@ def test_cross_entropy_and_its_vjp_equal_mlxs(extension, N, V):
     def forward_and_grad(loss):
         return mx.compile(mx.value_and_grad(lambda x: (loss(x, targets) * g).sum()))(logits)
 
-    (ours, dx), (theirs, tx) = forward_and_grad(native.cross_entropy), forward_and_grad(mlx_cross_entropy)
-    per_row, reference = native.cross_entropy(logits, targets), mlx_cross_entropy(logits, targets)
+    (ours, dx), (theirs, tx) = forward_and_grad(native.cross_entropy), forward_and_grad(nn.losses.cross_entropy)
+    per_row, reference = native.cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets)
     assert np.allclose(per_row, reference, rtol=1e-6, atol=1e-6)  # atol: x[target] - max rounds in both
     assert abs(ours.item() - theirs.item()) <= 1e-5 * max(1.0, float(np.abs(np.array(reference)).sum()))
     assert rel_err(dx, tx) <= 2e-6
-    probabilities = np.array(mx.softmax(logits.astype(mx.float32), axis=1))
+    probabilities = np.array(mx.softmax(logits, axis=1))
     one_hot = np.eye(V, dtype=np.float32)[np.array(targets)]
     assert rel_err(dx, (probabilities - one_hot) * np.array(g)[:, None]) <= 2e-6
 
@@ -340,7 +338,7 @@ def test_cross_entropy_of_a_nan_logit_or_a_target_outside_the_classes_is_nan(ext
         grad = mx.grad(lambda x: native.cross_entropy(x, targets).sum())(logits)
         assert np.isnan(loss[0].item()) and np.isnan(loss[2].item())
         assert np.isnan(np.array(grad[0])).all() and np.isnan(np.array(grad[2])).all()
-        assert np.allclose(loss[1].item(), mlx_cross_entropy(logits[1:2], targets[1:2]).item(), rtol=1e-6)
+        assert np.allclose(loss[1].item(), nn.losses.cross_entropy(logits[1:2], targets[1:2]).item(), rtol=1e-6)
         assert loss[3].item() == 0.0 and np.array_equal(grad[3], [0.0, 0.0, 0.0])  # large logits, no overflow
 
 
@@ -360,6 +358,13 @@ def test_cross_entropy_reads_strided_logits(extension):
      "shaped as the targets, not a float32 (2, 3) array"),
 ])
 def test_cross_entropy_bad_input_gets_a_one_line_error(extension, call, message):
-    with pytest.raises(ValueError) as error:
-        call(extension)
-    assert message in str(error.value) and "\n" not in str(error.value)
+    assert_one_line_error(lambda: call(extension), message)
+
+
+def test_the_benchmark_refuses_an_unknown_kind_in_one_line():
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "benchmarks/native_primitives.py", "lost"], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "native_primitives.py: error: KIND='lost' must be one of attention, gate, norm, " \
+                                  "loss, all, quad"
