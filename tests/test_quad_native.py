@@ -211,17 +211,22 @@ def ones(*shape, dtype=mx.float32):
 
 @pytest.mark.parametrize("call, message", [
     (lambda e: e.quad_fit(ones(2, 3), ones(2, 2), ones(2, 3), ones(2), ones(2), ones(2), ones(2), ones(2),
-                          mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0), "(S, m, n)"),
+                          mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0),
+     "(S, m, n) array with m, n >= 1, not a float32 (2, 3) array"),
     (lambda e: e.quad_fit(ones(2, 0, 4), ones(2, 0), ones(2, 4), ones(2), ones(2), ones(2), ones(2), ones(2),
-                          mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0), "m, n >= 1"),
+                          mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0), "m, n >= 1, not a float32 (2, 0, 4) array"),
     (lambda e: e.quad_fit(ones(2, 3, 4), ones(2, 3, 4), ones(2, 4), ones(2), ones(2), ones(2), ones(2), ones(2),
-                          mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0), "Q_l must be"),
+                          mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0),
+     "Q_l must be (S, d, d) or (S, d), of G's dtype, not a float32 (2, 3, 4) array"),
     (lambda e: e.quad_fit(ones(2, 3, 4), ones(2, 3), ones(2, 4, dtype=mx.float64), ones(2), ones(2), ones(2),
-                          ones(2), ones(2), mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0), "Q_r must be"),
+                          ones(2), ones(2), mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0),
+     "Q_r must be (S, d, d) or (S, d), of G's dtype, not a float64 (2, 4) array"),
     (lambda e: e.quad_fit(ones(2, 3, 4), ones(2, 3), ones(2, 4), ones(3), ones(2), ones(2), ones(2), ones(2),
-                          mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0), "one entry per slice"),
+                          mx.ones(2, mx.bool_), 0.8, 0.95, 1.0, 1.0),
+     "one entry per slice, of G's dtype, not a float32 (3,) array"),
     (lambda e: e.quad_fit(ones(2, 3, 4), ones(2, 3), ones(2, 4), ones(2), ones(2), ones(2), ones(2), ones(2),
-                          ones(2), 0.8, 0.95, 1.0, 1.0), "gate must be a bool"),
+                          ones(2), 0.8, 0.95, 1.0, 1.0),
+     "gate must be a bool vector with one entry per slice, not a float32 (2,) array"),
 ])
 def test_fit_bad_input_gets_a_one_line_error(extension, call, message):
     with pytest.raises(ValueError) as error:
@@ -230,10 +235,14 @@ def test_fit_bad_input_gets_a_one_line_error(extension, call, message):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda e: e.momentum_update(ones(2, 3), ones(2, 4), ones(2), None), "one shape and dtype"),
-    (lambda e: e.momentum_update(ones(2, 3), ones(2, 3, dtype=mx.float64), ones(2), None), "one shape and dtype"),
-    (lambda e: e.momentum_update(ones(2, 3), ones(2, 3), ones(3), None), "one entry per slice"),
-    (lambda e: e.momentum_update(ones(2, 3), ones(2, 3), ones(2), ones(2, dtype=mx.float64)), "one entry per slice"),
+    (lambda e: e.momentum_update(ones(2, 3), ones(2, 4), ones(2), None),
+     "one shape and dtype, not a float32 (2, 4) array"),
+    (lambda e: e.momentum_update(ones(2, 3), ones(2, 3, dtype=mx.float64), ones(2), None),
+     "one shape and dtype, not a float64 (2, 3) array"),
+    (lambda e: e.momentum_update(ones(2, 3), ones(2, 3), ones(3), None),
+     "one entry per slice, of M's dtype, not a float32 (3,) array"),
+    (lambda e: e.momentum_update(ones(2, 3), ones(2, 3), ones(2), ones(2, dtype=mx.float64)),
+     "one entry per slice, of M's dtype, not a float64 (2,) array"),
 ])
 def test_momentum_bad_input_gets_a_one_line_error(extension, call, message):
     with pytest.raises(ValueError) as error:

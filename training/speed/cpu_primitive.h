@@ -1,8 +1,10 @@
-// What the speed layer's native primitives (native.cpp, quad_fit.cpp) share: their base class, and evaluated MLX
-// arrays read as row-major data. Part of both builds' cache keys (native.py).
+// What the speed layer's native primitives (native.cpp, quad_fit.cpp) share: their base class, evaluated MLX
+// arrays read as row-major data, and what their one-line errors say of an array they refuse. Part of both builds'
+// cache keys (native.py).
 #pragma once
 
 #include <cstdint>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -11,8 +13,19 @@
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
+#include "mlx/utils.h"
 
 namespace speed {
+
+// ", not a float16 (2, 3) array" (", not an int32 ..."): what a one-line error names of the array it refuses.
+inline std::string given(const mlx::core::array& a) {
+  std::ostringstream dtype, text;
+  dtype << a.dtype();
+  text << (dtype.str()[0] == 'i' ? ", not an " : ", not a ") << dtype.str() << " (";
+  for (int i = 0; i < a.ndim(); ++i) text << (i ? ", " : "") << a.shape(i);
+  text << (a.ndim() == 1 ? ",) array" : ") array");
+  return text.str();
+}
 
 // A row-major copy of an array of any rank in `storage`, or its data itself when it is row-major already.
 template <typename T>

@@ -42,6 +42,7 @@ namespace {
 
 using speed::CpuPrimitive;
 using speed::Dense;
+using speed::given;
 
 // A (B, L, H, d) float32 array read in place: its data and its strides along B, L and H, with unit stride
 // along d (see unit_inner); with `rows`, row b of it is row rows[b] of the array (a prefix cache shared by many
@@ -156,16 +157,6 @@ void attend_backward(const float* const* q, const float* const* k, const float* 
     // dk_j += dS_ij q_i.
     for (int j = 0; j < visible; ++j) add_scaled(dsi[j], q[i], dk[j], d);
   }
-}
-
-// ", not a float16 (2, 3) array" (", not an int32 ..."): what a one-line error names of the array it refuses.
-std::string given(const mx::array& a) {
-  std::ostringstream dtype, text;
-  dtype << a.dtype();
-  text << (dtype.str()[0] == 'i' ? ", not an " : ", not a ") << dtype.str() << " (";
-  for (int i = 0; i < a.ndim(); ++i) text << (i ? ", " : "") << a.shape(i);
-  text << (a.ndim() == 1 ? ",) array" : ") array");
-  return text.str();
 }
 
 void check_input(const mx::array& a, const char* what) {

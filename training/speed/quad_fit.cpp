@@ -43,6 +43,7 @@ namespace {
 
 using speed::CpuPrimitive;
 using speed::Dense;
+using speed::given;
 
 // CBLAS's enumerations.
 constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, LOWER = 122;
@@ -374,12 +375,14 @@ mx::array momentum_update(const mx::array& M, const mx::array& G, const mx::arra
                           const std::optional<mx::array>& norm) {
   const auto dtype = M.dtype();
   if ((dtype != mx::float32 && dtype != mx::float64) || M.ndim() < 1 || G.shape() != M.shape() || G.dtype() != dtype)
-    throw std::invalid_argument("momentum_update's M and G must be float32 or float64 arrays of one shape and dtype");
+    throw std::invalid_argument("momentum_update's M and G must be float32 or float64 arrays of one shape and dtype" +
+                                given(G.shape() != M.shape() || G.dtype() != dtype ? G : M));
   std::vector<mx::array> inputs{M, G, weight};
   if (norm) inputs.push_back(*norm);
   for (size_t i = 2; i < inputs.size(); ++i)
     if (inputs[i].dtype() != dtype || inputs[i].size() != size_t(M.shape(0)))
-      throw std::invalid_argument("momentum_update's weight and norm must have one entry per slice, of M's dtype");
+      throw std::invalid_argument("momentum_update's weight and norm must have one entry per slice, of M's dtype" +
+                                  given(inputs[i]));
   return mx::array(M.shape(), dtype, std::make_shared<MomentumUpdate>(mx::to_stream({}), norm.has_value()),
                    std::move(inputs));
 }
@@ -391,20 +394,21 @@ std::vector<mx::array> quad_fit(const mx::array& G, const mx::array& Ql, const m
   if (!available()) throw std::runtime_error("quad_fit needs a CBLAS (cblas_sgemm, ...) in the global scope");
   const auto dtype = G.dtype();
   if ((dtype != mx::float32 && dtype != mx::float64) || G.ndim() != 3 || G.shape(1) < 1 || G.shape(2) < 1)
-    throw std::invalid_argument("quad_fit's G must be a float32 or float64 (S, m, n) array with m, n >= 1");
+    throw std::invalid_argument("quad_fit's G must be a float32 or float64 (S, m, n) array with m, n >= 1" + given(G));
   const int S = G.shape(0), m = G.shape(1), n = G.shape(2);
   auto factor = [&](const mx::array& q, int d, const char* what) {
     const bool diag = q.ndim() == 2;
     if (q.dtype() != dtype || q.shape(0) != S || q.shape(1) != d || (!diag && (q.ndim() != 3 || q.shape(2) != d)))
-      throw std::invalid_argument(std::string("quad_fit's ") + what + " must be (S, d, d) or (S, d), of G's dtype");
+      throw std::invalid_argument(std::string("quad_fit's ") + what + " must be (S, d, d) or (S, d), of G's dtype" +
+                                  given(q));
     return diag;
   };
   const bool diag_left = factor(Ql, m, "Q_l"), diag_right = factor(Qr, n, "Q_r");
   for (const auto* v : {&Ll, &Lr, &scale_l, &scale_r, &scale_pg})
     if (v->dtype() != dtype || v->size() != size_t(S))
-      throw std::invalid_argument("quad_fit's L and scales must have one entry per slice, of G's dtype");
+      throw std::invalid_argument("quad_fit's L and scales must have one entry per slice, of G's dtype" + given(*v));
   if (gate.dtype() != mx::bool_ || gate.size() != size_t(S))
-    throw std::invalid_argument("quad_fit's gate must be a bool vector with one entry per slice");
+    throw std::invalid_argument("quad_fit's gate must be a bool vector with one entry per slice" + given(gate));
   Settings settings{S, m, n, diag_left, diag_right, precond_lr, precond_beta, target_left, target_right};
   return mx::array::make_arrays({G.shape(), Ql.shape(), Qr.shape(), Ll.shape(), Lr.shape()},
                                 {dtype, dtype, dtype, dtype, dtype},
