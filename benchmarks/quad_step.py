@@ -12,7 +12,11 @@
 (c) ``Trainer.steps`` over ``--steps`` batches, as ``training.loop.train`` runs an epoch: each step's evaluation
     started asynchronously and the next step built meanwhile;
 (d) printed after (a): the native fit of the dense 128 x 128 group alone, 8 tensors on one stream, 4 on one, and
-    4 + 4 on two streams at once (one BLAS thread each): how far two cores speed up BLAS-bound work.
+    4 + 4 on two streams at once (one BLAS thread each): how far two cores speed up BLAS-bound work;
+(e) what sets QUAD's ratio: its update runs between one step's backward pass and the next step's forward pass, so
+    the step ratio it predicts from (a) and (b), 1 + (QUAD's update - AdamW's) / AdamW's step; and the floor of its
+    preconditioner fit, the fit's matrix-product FLOPs at the rate one BLAS thread reaches on 128 x 128 products,
+    spread over the two streams.
 
 Variants are timed in alternating rounds of ``--steps`` steps, so that load from other processes
 hits them alike; it prints milliseconds per step (minimum and median over the rounds) and the ratio
@@ -43,11 +47,16 @@ from training.speed.trainer import FastTrainer, blas_threads  # noqa: E402
 from rounds import BATCH, SEQ, VOCAB, alternate_rounds, epoch_of  # noqa: E402
 
 
+def default_parameters():
+    """The default model's trainable parameters (a fresh model)."""
+    return models.Transformer(models.ModelConfig(), VOCAB).trainable_parameters()
+
+
 def update_only(name: str, streams: int = 0, native_fit: bool = False):
     """One compiled ``apply_gradients`` on the model's parameter tree (fixed random gradients); QUAD's
     preconditioner fitted by the plain ``quad_iteration`` or (``native_fit``) the speed layer's primitive."""
     mx.random.seed(0)
-    params = models.Transformer(models.ModelConfig(), VOCAB).trainable_parameters()
+    params = default_parameters()
     grads = tree_map(lambda p: 1e-2 * mx.random.normal(p.shape), params)
     optimizer = build_optimizer(OptimConfig(name=name))
     if streams:
@@ -114,6 +123,30 @@ def dense_fits(slices: Sequence[int]):
     return run
 
 
+def fit_flops(optimizer) -> float:
+    """The matrix products' FLOPs of one preconditioner fit of every QUAD group in ``optimizer.state``, as
+    ``quad_fit.cpp`` computes them: per slice and dense side of size d (the other side e), P = Q Q (a syrk, d^3) and
+    its product with the gradient (2 d^2 e) for Pg; Pg Pg^T or Pg^T Pg (a syrk, d^2 e), E Q and (E Q) E (4 d^3) for
+    the factor."""
+    total = 0
+    for group in optimizer.state["groups"].values():
+        if len(group["Q"]) != 2:  # a single diagonal factor: no products
+            continue
+        slices, m, n = group["m"].shape
+        for (d, e), q in zip([(m, n), (n, m)], group["Q"]):
+            if q.ndim == 3:  # dense
+                total += slices * (d ** 3 + 2 * d * d * e + d * d * e + 4 * d ** 3)
+    return float(total)
+
+
+def product_rate(repeats: int) -> float:
+    """GFLOP/s of one BLAS thread on a batch of 64 products of 128 x 128 matrices (the fit's size), the best of
+    ``repeats`` rounds."""
+    a, b = mx.random.normal((64, 128, 128)), mx.random.normal((64, 128, 128))
+    best, _ = alternate_rounds({"products": lambda: mx.eval(a @ b)}, 5, repeats)["products"]
+    return 64 * 2 * 128 ** 3 / (best * 1e6)
+
+
 def report(title: str, ms: dict):
     base = next(iter(ms.values()))[0]  # the first variant's
     print(title)
@@ -138,7 +171,8 @@ def main_():
         if native:
             runs["quad, native fit"] = update_only("quad", native_fit=True)
             runs["quad, 2 streams, native fit"] = update_only("quad", 2, native_fit=True)
-        report("(a) optimizer update, one BLAS thread", alternate_rounds(runs, args.steps, args.repeats))
+        updates = alternate_rounds(runs, args.steps, args.repeats)
+        report("(a) optimizer update, one BLAS thread", updates)
         if native:
             report("(d) the native fit of the 128 x 128 dense group alone, one BLAS thread per stream",
                    alternate_rounds({"8 tensors on one stream": dense_fits([8]), "4 on one": dense_fits([4]),
@@ -149,14 +183,25 @@ def main_():
         if fast:
             runs["quad, on the default stream"] = train_step("quad", streams=False)
             runs["quad, plain fit"] = train_step("quad", native_fit=False)
-        report(f"(b) train step ({'two streams, one BLAS thread each' if fast else 'one stream'})",
-               alternate_rounds(runs, args.steps, args.repeats))
+        steps = alternate_rounds(runs, args.steps, args.repeats)
+        report(f"(b) train step ({'two streams, one BLAS thread each' if fast else 'one stream'})", steps)
         runs = {"adamw": train_epoch("adamw", args.steps), "quad": train_epoch("quad", args.steps)}
         if fast:
             runs["quad, plain fit"] = train_epoch("quad", args.steps, native_fit=False)
         epochs = alternate_rounds(runs, 1, args.repeats, warmup=2)
         report(f"(c) train steps as an epoch runs them, {args.steps} per round (per step)",
                {label: (low / args.steps, median / args.steps) for label, (low, median) in epochs.items()})
+        if native and fast:  # (a)'s two-stream, native-fit run and one BLAS thread per stream
+            quad = build_optimizer(OptimConfig(name="quad"))
+            quad.init(default_parameters())
+            flops, rate = fit_flops(quad), product_rate(args.repeats)
+            fit_ms = 1e3 * flops / (rate * 1e9) / 2
+            adamw_step = steps["adamw"][0]
+            extra = updates["quad, 2 streams, native fit"][0] - updates["adamw"][0]
+            print("(e) what sets QUAD's ratio (minima)")
+            print(f"  its update over AdamW's (a)  {extra:7.2f} ms   predicted step ratio {1 + extra / adamw_step:.3f}")
+            print(f"  its fit: {flops / 1e9:.3f} GFLOP per step, at {rate:.0f} GFLOP/s per BLAS thread {fit_ms:.2f} ms "
+                  f"on two streams   floor ratio {1 + fit_ms / adamw_step:.3f}")
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
