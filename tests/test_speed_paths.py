@@ -428,9 +428,11 @@ def test_updates_spread_over_the_streams_give_the_bits_of_one_stream(name):
         assert mx.array_equal(a, single[key]).item(), key
 
 
-def test_updates_on_streams_puts_the_largest_parameters_first_on_the_least_loaded_stream():
+def test_updates_on_streams_puts_each_shape_on_one_stream_the_largest_first_on_the_least_loaded():
     streams = [mx.new_stream(mx.cpu) for _ in range(2)]
-    parameters = {"a": mx.zeros((8,)), "b": mx.zeros((5,)), "c": mx.zeros((4,)), "d": mx.zeros((3,))}
+    # classes: (3,) x 3 = 9 elements, (8,) = 8, (5,) = 5 (two dtypes: two classes), (4,) = 4
+    parameters = {"a": mx.zeros((8,)), "b": mx.zeros((5,)), "c": mx.zeros((4,)), "d": mx.zeros((3,)),
+                  "e": mx.zeros((3,)), "f": mx.zeros((3,)), "g": mx.zeros((5,), mx.float16)}
     stranger = mx.zeros((2,))  # not in the tree: stays on the stream in use
     optimizer = optim.MultiOptimizer([optim.SGD(0.1), optim.Adam(0.1)], [lambda path, p: path in ("a", "c")])
     seen = {}
@@ -447,8 +449,10 @@ def test_updates_on_streams_puts_the_largest_parameters_first_on_the_least_loade
         grads = {k: mx.ones_like(v) for k, v in parameters.items()}
         optimizer.apply_gradients(grads, parameters)
         optimizer.optimizers[0].apply_single(mx.ones((2,)), stranger, {})
-    # 8 -> first stream, 5 -> second, 4 -> second (5 < 8), 3 -> first (8 < 9)
-    expected = {"a": streams[0], "b": streams[1], "c": streams[1], "d": streams[0]}
+    # the (3,)s -> first stream (9), 8 -> second, the float32 5 -> second (8 < 9), the float16 5 -> first (9 < 13),
+    # 4 -> second (13 < 14)
+    first, second = streams
+    expected = {"a": second, "b": second, "c": second, "d": first, "e": first, "f": first, "g": first}
     assert {k: seen[id(v)] for k, v in parameters.items()} == expected
     assert seen[id(stranger)] == mx.default_stream(mx.cpu)
     assert [inner.apply_single for inner in optimizer.optimizers] == before
