@@ -1,6 +1,8 @@
 """The native primitives (``training/speed/native.cpp``). The SiLU gate: ``kernels.silu_gate``'s bits, forward and
 backward, masked and not, strided inputs, one-line errors. RMSNorm: ``mx.fast.rms_norm`` to float rounding, forward
-and backward, strided inputs, one-line errors. The cross-entropy loss: ``nn.losses.cross_entropy`` to float
+and backward, strided inputs, one-line errors. The rotary embedding: ``kernels.rope``'s bits, forward and backward,
+at the model's tables' positions, strided inputs (the looked-up queries' column slices), one-line errors. The
+cross-entropy loss: ``nn.losses.cross_entropy`` to float
 rounding, forward and backward, over class counts that are and are not multiples of the lanes, NaN for a NaN logit
 or a target outside the classes, one-line errors. Attention, against MLX's
 ``scaled_dot_product_attention``: forward and vector-Jacobian product over head counts, lengths, head sizes that
@@ -168,9 +170,11 @@ def model_and_tokens(dim=32, heads=2, depth=3, rows=16):
 def test_fast_model_with_native_primitives_equals_it_without(extension):
     cfg, model, tokens = model_and_tokens()
     with_native = FastModel(model, cfg)
-    without = FastModel(model, cfg, native_attention=False, native_gate=False, native_norm=False, native_loss=False)
+    without = FastModel(model, cfg, native_attention=False, native_gate=False, native_norm=False, native_loss=False,
+                        native_rope=False)
     flags = ("native_attention", "native_gate", "native_norm", "native_loss")
     assert all(getattr(with_native, flag) for flag in flags) and not any(getattr(without, flag) for flag in flags)
+    assert with_native.rotation is native.rope and without.rotation is kernels.rope
     assert rel_err(with_native(tokens), without(tokens)) <= 1e-5
     logits, labels = with_native(tokens), mx.array(np.arange(16) % 13)
     (loss, correct), (mlx_loss, mlx_correct) = with_native.loss_and_correct(logits, labels), \
@@ -193,6 +197,8 @@ def test_a_trainer_with_native_primitives_follows_one_without(extension):
         for flag in ("native_attention", "native_gate", "native_norm", "native_loss"):
             assert getattr(trainer.fast, flag)
             setattr(trainer.fast, flag, use)  # read when the step is first traced
+        assert trainer.fast.rotation is native.rope
+        trainer.fast.rotation = native.rope if use else kernels.rope
         for _ in range(3):
             trainer.step(x, y)
         mx.eval(trainer.model.parameters())
@@ -208,6 +214,7 @@ def test_without_nanobind_the_model_keeps_mlxs_computation(monkeypatch):
         cfg, model, tokens = model_and_tokens()
         fast = FastModel(model, cfg)
         assert not (fast.native_attention or fast.native_gate or fast.native_norm or fast.native_loss)
+        assert fast.rotation is kernels.rope
         assert rel_err(fast(tokens), model(tokens)) <= 1e-5
     finally:
         native.load_extension.cache_clear()
@@ -298,6 +305,43 @@ def test_rms_norm_bad_input_gets_a_one_line_error(extension, call, message):
 
 # The cross-entropy loss: nn.losses.cross_entropy to float rounding, forward and backward.
 
+@pytest.mark.parametrize("shape", [(5, 4, 4, 32), (3, 1, 2, 64), (2, 7, 1, 6), (1, 3, 3, 2)])
+@pytest.mark.parametrize("start", [0, 3])
+def test_rope_and_its_vjp_are_kernels_ropes_bits(extension, shape, start):
+    B, L, H, D = shape
+    C, S = kernels.rope_tables(nn.RoPE(D), start + L)
+    C, S = C[start:], S[start:]  # the rows rotate() passes: a view
+    x = mx.random.normal(shape, key=mx.random.key(1))
+    cotangent = mx.random.normal(shape, key=mx.random.key(2))
+    assert np.array_equal(native.rope(x, C, S), kernels.rope(x, C, S))
+    (_,), (grad,) = mx.vjp(lambda x: native.rope(x, C, S), [x], [cotangent])
+    (_,), (reference,) = mx.vjp(lambda x: kernels.rope(x, C, S), [x], [cotangent])
+    assert np.array_equal(grad, reference)
+
+
+def test_rope_reads_strided_inputs(extension):
+    C, S = kernels.rope_tables(nn.RoPE(16), 4)
+    looked_up = mx.random.normal((3, 4, 3 * 32), key=mx.random.key(3))  # first_qkv's (B, L, 3D), D = 2 heads x 16
+    keys = mx.split(looked_up, 3, axis=-1)[1].reshape(3, 4, 2, 16)  # a column slice: unit stride, rows of 96
+    transposed = mx.random.normal((3, 4, 16, 2), key=mx.random.key(4)).transpose(0, 1, 3, 2)  # features strided
+    for x in (keys, transposed):
+        assert np.array_equal(native.rope(x, C, S), kernels.rope(x, C, S))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda e: e.rope(mx.zeros((2, 4, 1, 8), mx.float16), mx.zeros((4, 1, 2, 4)), mx.zeros((4, 1, 2, 4)), False),
+     "rope's x must be a float32 (B, L, H, D) array with D even, not a float16 (2, 4, 1, 8) array"),
+    (lambda e: e.rope(mx.zeros((2, 4, 1, 7)), mx.zeros((4, 1, 2, 3)), mx.zeros((4, 1, 2, 3)), False),
+     "with D even, not a float32 (2, 4, 1, 7) array"),
+    (lambda e: e.rope(mx.zeros((2, 4, 1, 8)), mx.zeros((3, 1, 2, 4)), mx.zeros((4, 1, 2, 4)), False),
+     "rope's tables must be float32 (L, 1, 2, D / 2) arrays for x's L and D, not a float32 (3, 1, 2, 4) array"),
+    (lambda e: e.rope(mx.zeros((2, 4, 1, 8)), mx.zeros((4, 1, 2, 4)), mx.zeros((4, 2, 4)), True),
+     "not a float32 (4, 2, 4) array"),
+])
+def test_rope_bad_input_gets_a_one_line_error(extension, call, message):
+    assert_one_line_error(lambda: call(extension), message)
+
+
 @pytest.mark.parametrize("N,V", [(7, 99), (300, 99), (5, 16), (4, 33), (3, 1), (2, 15)])
 def test_cross_entropy_and_its_vjp_equal_mlxs(extension, N, V):
     keys = mx.random.split(mx.random.key(4), 3)
@@ -367,4 +411,4 @@ def test_the_benchmark_refuses_an_unknown_kind_in_one_line():
                           text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == "native_primitives.py: error: KIND='lost' must be one of attention, gate, norm, " \
-                                  "loss, all, quad"
+                                  "rope, loss, all, quad"

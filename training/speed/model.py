@@ -23,7 +23,7 @@ import mlx.nn as nn
 
 import models
 from training.speed.native import attention as native_attention, cross_entropy as native_cross_entropy, load_extension
-from training.speed.native import rms_norm as native_rms_norm, silu_gate as native_silu_gate
+from training.speed.native import rms_norm as native_rms_norm, rope as native_rotary, silu_gate as native_silu_gate
 from training.speed.kernels import fast_sigmoid, gather_rows, linear, permute_rows, rope, rope_order, rope_tables
 from training.speed.kernels import silu_gate
 from training.trainer import loss_and_correct
@@ -47,16 +47,16 @@ def query_key_projections(attn: models.Attention, fused_rope: bool, dense=mlx_li
     return tuple((lambda x, w=w: dense(x, permute_rows(w.weight, order, inverse))) for w in (attn.wq, attn.wk))
 
 
-def rotate(attn: models.Attention, t: mx.array, start: int, tables: Optional[tuple]) -> mx.array:
+def rotate(attn: models.Attention, t: mx.array, start: int, tables: Optional[tuple], rotation=rope) -> mx.array:
     """Queries or keys ``t`` ``(B, L, D)`` of positions ``start ..`` as heads ``(B, L, H, D/H)``, rotated by
-    ``kernels.rope`` with ``tables`` (``kernels.rope_tables`` of positions ``0 ..``; ``t`` from
-    :func:`query_key_projections`), or by ``attn.rope`` if None."""
+    ``rotation(t, C, S)`` (``kernels.rope`` or ``speed.native.rope``) with ``tables`` (``kernels.rope_tables`` of
+    positions ``0 ..``; ``t`` from :func:`query_key_projections`), or by ``attn.rope`` if None."""
     B, L, _ = t.shape
     t = t.reshape(B, L, attn.heads, -1)
     if tables is None:
         return attn.rope(t.transpose(0, 2, 1, 3), offset=start).transpose(0, 2, 1, 3)
     C, S = tables if start + L <= len(tables[0]) else rope_tables(attn.rope, start + L)
-    return rope(t, C[start:start + L], S[start:start + L])
+    return rotation(t, C[start:start + L], S[start:start + L])
 
 
 def attend(queries: mx.array, keys: list, values: list, scale: float, native: bool,
@@ -84,24 +84,24 @@ def attend(queries: mx.array, keys: list, values: list, scale: float, native: bo
 def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = False,
               past: Optional[tuple] = None, return_kv: bool = False, qkv: Optional[tuple] = None,
               tables: Optional[tuple] = None, native: bool = False, past_rows: Optional[mx.array] = None,
-              dense=mlx_linear):
+              dense=mlx_linear, rotation=rope):
     """``attn`` over ``x`` ``(B, L, D)``, after ``past`` = ``(keys, values)`` ``(B, P, H, D/H)`` of the ``P``
     positions before it when given (with ``past_rows`` ``(B,)``: ``past`` ``(U, P, H, D/H)``, of which row ``b`` of
     ``x`` follows row ``past_rows[b]``); ``last_only``: queries and output for the last position only;
     ``return_kv``: also this call's keys and values; ``qkv``: the projections of ``x`` already computed
     (queries and keys as :func:`query_key_projections` makes them; then ``x`` is not used); ``tables``: the
     rotary embedding's for ``kernels.rope`` (None: ``attn.rope``), see :func:`rotate`; ``native``: see
-    :func:`attend`; ``dense(x, weight)``: the linear layers."""
+    :func:`attend`; ``dense(x, weight)``: the linear layers; ``rotation``: see :func:`rotate`."""
     B, L, D = (x if qkv is None else qkv[0]).shape
     wq, wk = query_key_projections(attn, tables is not None, dense)
     project = (lambda i, w: w(x)) if qkv is None else (lambda i, w: qkv[i])
     offset = 0 if past is None else past[0].shape[1]
-    new_keys = rotate(attn, project(1, wk), offset, tables)
+    new_keys = rotate(attn, project(1, wk), offset, tables, rotation)
     new_values = project(2, lambda x: dense(x, attn.wv.weight)).reshape(B, L, attn.heads, -1)
     if last_only:
-        queries = rotate(attn, wq(x[:, -1:]) if qkv is None else qkv[0][:, -1:], offset + L - 1, tables)
+        queries = rotate(attn, wq(x[:, -1:]) if qkv is None else qkv[0][:, -1:], offset + L - 1, tables, rotation)
     else:
-        queries = rotate(attn, project(0, wq), offset, tables)
+        queries = rotate(attn, project(0, wq), offset, tables, rotation)
     keys, values = ([new_keys], [new_values]) if past is None else ([past[0], new_keys], [past[1], new_values])
     out = attend(queries, keys, values, (D // attn.heads) ** -0.5, native, past_rows)
     out = dense(out.reshape(B, queries.shape[1], D), attn.wo.weight)
@@ -110,21 +110,23 @@ def attention(attn: models.Attention, x: Optional[mx.array], last_only: bool = F
 
 class FastModel:
     """The forward pass of ``model`` with the tricks above; ``fused``: the fused SiLU-gate kernels;
-    ``fused_rope``: the fused rotary embedding; ``native_attention``, ``native_gate``, ``native_norm``: the native
-    attention, SiLU-gate (with ``fused``), RMSNorm and (``native_loss``) cross-entropy primitives (``speed.native``),
+    ``fused_rope``: the fused rotary embedding; ``native_attention``, ``native_gate``, ``native_norm``,
+    ``native_rope``: the native attention, SiLU-gate (with ``fused``), RMSNorm, rotary-embedding (with
+    ``fused_rope``) and (``native_loss``) cross-entropy primitives (``speed.native``),
     where they build (all rather than MLX's); ``row_major_weight_gradients``: the linear layers by
     ``kernels.linear`` (rather than MLX's)."""
 
     def __init__(self, model: models.Transformer, cfg: models.ModelConfig, fused: bool = True,
                  lookup_first_qkv: bool = True, fused_rope: bool = True, native_attention: bool = True,
                  native_gate: bool = True, native_norm: bool = True, native_loss: bool = True,
-                 row_major_weight_gradients: bool = True):
+                 native_rope: bool = True, row_major_weight_gradients: bool = True):
         self.model = model
         self.dense = linear if row_major_weight_gradients else mlx_linear
         built = load_extension() is not None
         self.native_attention, self.native_norm = native_attention and built, native_norm and built
         self.native_loss = native_loss and built
         self.native_gate = native_gate and fused and built  # the fused gate, in native code
+        self.rotation = native_rotary if native_rope and fused_rope and built else rope  # kernels.rope's, natively
         self.keep_prob = 1 - cfg.dropout  # dropout on the SiLU branch, as nn.Dropout(cfg.dropout)
         self.fused = fused
         self.fused_rope = fused_rope
@@ -169,7 +171,7 @@ class FastModel:
         ``past_rows``: see :func:`attention`."""
         h = attention(block.attn, self.norm(block.attn_norm, x) if qkv is None else None, last_only, past, qkv=qkv,
                       tables=self.tables_of(block), native=self.native_attention, past_rows=past_rows,
-                      dense=self.dense)
+                      dense=self.dense, rotation=self.rotation)
         x = (x[:, -1:] if last_only else x) + h
         return x + self.feed_forward(block.ff, self.norm(block.ff_norm, x), keep)
 
@@ -217,7 +219,7 @@ class FastModel:
         cache = []
         for block in blocks:
             h, kv = attention(block.attn, self.norm(block.attn_norm, x), return_kv=True, tables=self.tables_of(block),
-                              native=self.native_attention, dense=self.dense)
+                              native=self.native_attention, dense=self.dense, rotation=self.rotation)
             cache.append(kv)
             if block is not blocks[-1]:
                 x = x + h

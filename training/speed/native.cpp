@@ -1,6 +1,6 @@
 // The speed layer's native MLX primitives for the CPU backend, each one pass over its arrays, with its
-// vector-Jacobian product as another: causal attention over a few positions, the SiLU gate, RMSNorm and the
-// cross-entropy loss.
+// vector-Jacobian product as another: causal attention over a few positions, the SiLU gate, RMSNorm, the rotary
+// embedding and the cross-entropy loss.
 //
 // Attention. MLX's fallback for mx.fast.scaled_dot_product_attention on the CPU computes the scores and the output as
 // batched matmuls: for a (B, H, 4, d) query that is B x H BLAS calls of a 4 x d by d x 4 product each, plus
@@ -14,6 +14,7 @@
 // than concatenated.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -531,6 +532,76 @@ std::vector<mx::array> rms_norm_backward(const mx::array& x, const mx::array& w,
                                 std::make_shared<RmsNorm>(mx::to_stream({}), eps, true), {x, w, cotangent});
 }
 
+// The rotary embedding of kernels.rope: x (B, L, H, D), its features in kernels.rope_order (each head's first halves
+// of the pairs, then their second halves), the tables C, S (L, 1, 2, D / 2) of kernels.rope_tables. MLX runs
+// kernels.rope as one fused kernel, but on its strided path (the tables are broadcast over B and H, and the swap of
+// the halves is a view with a negative stride), ~4x slower per element than a contiguous loop. Here each (b, l, h)
+// row is one loop over its pairs: the first half x1 c1 + x2 s1, the second x2 c2 + x1 s2, with (inverse: the
+// backward pass, the inverse rotation) the sines negated. x is read with its strides over B, L and H (the first
+// block's queries and keys are column slices of one looked-up (B, L, 3D) array); y is row-major.
+void rotate_rows(const float* __restrict x, const int64_t* stride, const float* __restrict C,
+                 const float* __restrict S, int64_t outer, int L, int H, int half, bool inverse, float* __restrict y) {
+  const int D = 2 * half;
+  for (int64_t b = 0; b < outer; ++b)
+    for (int l = 0; l < L; ++l) {
+      const float* c = C + int64_t(l) * D;
+      const float* s = S + int64_t(l) * D;
+      for (int h = 0; h < H; ++h, y += D) {
+        const float* r = x + b * stride[0] + l * stride[1] + h * stride[2];
+        if (inverse) {
+          for (int j = 0; j < half; ++j) y[j] = r[j] * c[j] + r[half + j] * -s[j];
+          for (int j = 0; j < half; ++j) y[half + j] = r[half + j] * c[half + j] + r[j] * -s[half + j];
+        } else {
+          for (int j = 0; j < half; ++j) y[j] = r[j] * c[j] + r[half + j] * s[j];
+          for (int j = 0; j < half; ++j) y[half + j] = r[half + j] * c[half + j] + r[j] * s[half + j];
+        }
+      }
+    }
+}
+
+// Inputs: x (B, L, H, D), C, S (L, 1, 2, D / 2). Output: x rotated (inverse: by the inverse rotation).
+class Rope : public CpuPrimitive {
+ public:
+  Rope(mx::Stream stream, bool inverse) : CpuPrimitive(stream), inverse_(inverse) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = this->encoder(inputs, outputs);
+    const auto& x = inputs[0];
+    const bool unit = x.strides(3) == 1;  // else a row-major copy first
+    std::optional<Dense<float>> copy;
+    if (!unit) copy.emplace(x);
+    const int L = x.shape(1), H = x.shape(2), D = x.shape(3);
+    const std::array<int64_t, 3> stride =
+        unit ? std::array<int64_t, 3>{x.strides(0), x.strides(1), x.strides(2)}
+             : std::array<int64_t, 3>{int64_t(L) * H * D, int64_t(H) * D, D};
+    encoder.dispatch([data = x.data<float>(), copy = std::move(copy), stride, C = Dense<float>(inputs[1]),
+                      S = Dense<float>(inputs[2]), outer = int64_t(x.shape(0)), L, H, half = D / 2,
+                      y = outputs[0].data<float>(), inverse = inverse_]() mutable {
+      rotate_rows(copy ? copy->get() : data, stride.data(), C.get(), S.get(), outer, L, H, half, inverse, y);
+    });
+  }
+
+  const char* name() const override { return inverse_ ? "RopeInverse" : "Rope"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return inverse_ == static_cast<const Rope&>(other).inverse_;
+  }
+
+ private:
+  bool inverse_;
+};
+
+mx::array rope(const mx::array& x, const mx::array& C, const mx::array& S, bool inverse) {
+  if (x.dtype() != mx::float32 || x.ndim() != 4 || x.shape(3) % 2 != 0)
+    throw std::invalid_argument("rope's x must be a float32 (B, L, H, D) array with D even" + given(x));
+  for (const auto* t : {&C, &S})
+    if (t->dtype() != mx::float32 || t->ndim() != 4 || t->shape(0) != x.shape(1) || t->shape(1) != 1 ||
+        t->shape(2) != 2 || t->shape(3) != x.shape(3) / 2)
+      throw std::invalid_argument("rope's tables must be float32 (L, 1, 2, D / 2) arrays for x's L and D" +
+                                  given(*t));
+  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(mx::to_stream({}), inverse), {x, C, S});
+}
+
 // Cross-entropy. MLX computes nn.losses.cross_entropy's logsumexp (and, backward, its softmax) with its scalar exp,
 // which calls the C library's fmaf for every polynomial step: ~12 ns an element, 3 ms for an evaluation's 2328 x 99
 // logits per stream, against 0.2 ms for the row maxima. Here each row is one pass for its maximum and one for the
@@ -669,6 +740,7 @@ NB_MODULE(_native, m) {
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"));
   m.def("rms_norm_backward", &rms_norm_backward, nb::arg("x"), nb::arg("weight"), nb::arg("cotangent"),
         nb::arg("eps"));
+  m.def("rope", &rope, nb::arg("x"), nb::arg("C"), nb::arg("S"), nb::arg("inverse"));
   m.def("cross_entropy", &cross_entropy, nb::arg("logits"), nb::arg("targets"));
   m.def("cross_entropy_backward", &cross_entropy_backward, nb::arg("logits"), nb::arg("targets"),
         nb::arg("cotangent"));

@@ -11,6 +11,8 @@ On this backend MLX computes each of these as many small passes and graph nodes,
 - the SiLU gate: ``kernels.silu_gate``'s operations, which MLX's fusion splits into five loops at the sigmoid's
   bit casts, in one loop each way, giving the same bits;
 - RMSNorm (``mx.fast.rms_norm``'s fallback, its definition as ops): one pass per row each way;
+- the rotary embedding (``kernels.rope``): MLX fuses it into one kernel, but on its strided path (broadcast tables,
+  a negative-stride view); the primitive is a contiguous loop, forward and (the inverse rotation) backward;
 - the cross-entropy loss (``nn.losses.cross_entropy``'s logsumexp, and its softmax backward): MLX's CPU exp is a
   scalar loop calling the C library's ``fmaf``; the primitive's exponential is vectorized.
 
@@ -146,6 +148,29 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     """``mx.fast.rms_norm(x, weight, eps)`` to float rounding, in one native pass each way; needs
     :func:`load_extension`."""
     return _norm(float(eps))(x, weight)
+
+
+@functools.lru_cache(maxsize=None)
+def _rope():
+    """The rotary embedding with its vector-Jacobian product (the inverse rotation; none for the tables)."""
+    native = load_extension()
+
+    @mx.custom_function
+    def rotate(x, C, S):
+        return native.rope(x, C, S, False)
+
+    @rotate.vjp
+    def rotate_vjp(primals, cotangent, output):
+        x, C, S = primals
+        return native.rope(cotangent, C, S, True), mx.zeros_like(C), mx.zeros_like(S)
+
+    return rotate
+
+
+def rope(x: mx.array, C: mx.array, S: mx.array) -> mx.array:
+    """``kernels.rope(x, C, S)`` to float rounding for float32 ``x`` ``(B, L, H, D)`` and tables ``(L, 1, 2, D/2)``,
+    forward and backward, in one native pass each; needs :func:`load_extension`."""
+    return _rope()(x, C, S)
 
 
 @functools.lru_cache(maxsize=None)
