@@ -14,7 +14,6 @@
 // than concatenated.
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -537,24 +536,20 @@ std::vector<mx::array> rms_norm_backward(const mx::array& x, const mx::array& w,
 // kernels.rope as one fused kernel, but on its strided path (the tables are broadcast over B and H, and the swap of
 // the halves is a view with a negative stride), ~4x slower per element than a contiguous loop. Here each (b, l, h)
 // row is one loop over its pairs: the first half x1 c1 + x2 s1, the second x2 c2 + x1 s2, with (inverse: the
-// backward pass, the inverse rotation) the sines negated. x is read with its strides over B, L and H (the first
-// block's queries and keys are column slices of one looked-up (B, L, 3D) array); y is row-major.
-void rotate_rows(const float* __restrict x, const int64_t* stride, const float* __restrict C,
-                 const float* __restrict S, int64_t outer, int L, int H, int half, bool inverse, float* __restrict y) {
-  const int D = 2 * half;
-  for (int64_t b = 0; b < outer; ++b)
+// backward pass, the inverse rotation) the sines negated. x is read in place (a View: the first block's queries and
+// keys are column slices of one looked-up (B, L, 3D) array); y is row-major.
+void rotate_rows(const View& x, const float* __restrict C, const float* __restrict S, bool inverse,
+                 float* __restrict y) {
+  const int L = x.shape[1], H = x.shape[2], D = x.shape[3], half = D / 2;
+  const float sign = inverse ? -1.0f : 1.0f;  // exact: the sines negated, as kernels.rope's backward passes -S
+  for (int64_t b = 0; b < x.shape[0]; ++b)
     for (int l = 0; l < L; ++l) {
       const float* c = C + int64_t(l) * D;
       const float* s = S + int64_t(l) * D;
       for (int h = 0; h < H; ++h, y += D) {
-        const float* r = x + b * stride[0] + l * stride[1] + h * stride[2];
-        if (inverse) {
-          for (int j = 0; j < half; ++j) y[j] = r[j] * c[j] + r[half + j] * -s[j];
-          for (int j = 0; j < half; ++j) y[half + j] = r[half + j] * c[half + j] + r[j] * -s[half + j];
-        } else {
-          for (int j = 0; j < half; ++j) y[j] = r[j] * c[j] + r[half + j] * s[j];
-          for (int j = 0; j < half; ++j) y[half + j] = r[half + j] * c[half + j] + r[j] * s[half + j];
-        }
+        const float* __restrict r = x.at(b, l, h);
+        for (int j = 0; j < half; ++j) y[j] = r[j] * c[j] + r[half + j] * (sign * s[j]);
+        for (int j = 0; j < half; ++j) y[half + j] = r[half + j] * c[half + j] + r[j] * (sign * s[half + j]);
       }
     }
 }
@@ -566,18 +561,10 @@ class Rope : public CpuPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = this->encoder(inputs, outputs);
-    const auto& x = inputs[0];
-    const bool unit = x.strides(3) == 1;  // else a row-major copy first
-    std::optional<Dense<float>> copy;
-    if (!unit) copy.emplace(x);
-    const int L = x.shape(1), H = x.shape(2), D = x.shape(3);
-    const std::array<int64_t, 3> stride =
-        unit ? std::array<int64_t, 3>{x.strides(0), x.strides(1), x.strides(2)}
-             : std::array<int64_t, 3>{int64_t(L) * H * D, int64_t(H) * D, D};
-    encoder.dispatch([data = x.data<float>(), copy = std::move(copy), stride, C = Dense<float>(inputs[1]),
-                      S = Dense<float>(inputs[2]), outer = int64_t(x.shape(0)), L, H, half = D / 2,
+    encoder.dispatch([x = view_of(inputs[0]), C = Dense<float>(inputs[1]), S = Dense<float>(inputs[2]),
                       y = outputs[0].data<float>(), inverse = inverse_]() mutable {
-      rotate_rows(copy ? copy->get() : data, stride.data(), C.get(), S.get(), outer, L, H, half, inverse, y);
+      x.unit_inner();
+      rotate_rows(x, C.get(), S.get(), inverse, y);
     });
   }
 
