@@ -303,7 +303,7 @@ def test_rms_norm_bad_input_gets_a_one_line_error(extension, call, message):
     assert_one_line_error(lambda: call(extension), message)
 
 
-# The cross-entropy loss: nn.losses.cross_entropy to float rounding, forward and backward.
+# The rotary embedding: kernels.rope's bits, forward and backward.
 
 @pytest.mark.parametrize("shape", [(5, 4, 4, 32), (3, 1, 2, 64), (2, 7, 1, 6), (1, 3, 3, 2)])
 @pytest.mark.parametrize("start", [0, 3])
@@ -341,6 +341,8 @@ def test_rope_reads_strided_inputs(extension):
 def test_rope_bad_input_gets_a_one_line_error(extension, call, message):
     assert_one_line_error(lambda: call(extension), message)
 
+
+# The cross-entropy loss: nn.losses.cross_entropy to float rounding, forward and backward.
 
 @pytest.mark.parametrize("N,V", [(7, 99), (300, 99), (5, 16), (4, 33), (3, 1), (2, 15)])
 def test_cross_entropy_and_its_vjp_equal_mlxs(extension, N, V):

@@ -107,11 +107,12 @@ def updates_on_streams(optimizer: optim.Optimizer, parameters: dict, streams: li
     classes = {}
     for _, parameter in tree_flatten(parameters):
         classes.setdefault((tuple(parameter.shape), parameter.dtype), []).append(parameter)
+    sizes = {key: sum(p.size for p in members) for key, members in classes.items()}
     load, stream_of = [0] * len(streams), {}
-    for members in sorted(classes.values(), key=lambda members: -sum(p.size for p in members)):
+    for key in sorted(classes, key=lambda key: -sizes[key]):
         j = load.index(min(load))
-        load[j] += sum(p.size for p in members)
-        stream_of.update((id(p), streams[j]) for p in members)
+        load[j] += sizes[key]
+        stream_of.update((id(p), streams[j]) for p in classes[key])
     targets = getattr(optimizer, "optimizers", [optimizer])
     own = [vars(t).get("apply_single") for t in targets]  # an instance's own, else None (the class's)
 
